@@ -1,0 +1,192 @@
+"""Grading many submissions: find them, grade each in its own worker process,
+several at a time, skip what an earlier run already graded, and write the
+gradebook.
+
+A submission is keyed on its content, its lab and the lab's suite, so a rerun
+after an interruption regrades only what is missing or what changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+import coursekit
+
+from coursekit.config import Course, Lab
+from coursekit.notebook import SubmissionError, notebook_lab, read_notebook
+from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, failed_results, read_results,
+                               write_gradebook, write_results)
+
+# Past the submission's own limit, the worker gets this long to write its results
+# before it is killed.
+WORKER_GRACE_SECONDS = 60
+
+
+@dataclass
+class Submission:
+    name: str           # the student (nbgrader tree) or the notebook's name: the folder under --out
+    notebook: Path
+    lab: Lab | None
+    problem: str = ""   # why the lab could not be determined
+
+
+def discover(course: Course, paths: list[Path], lab_id: str | None) -> list[Submission]:
+    forced = course.lab(lab_id) if lab_id else None
+    found: list[tuple[Path, Path]] = []
+    for path in paths:
+        if path.is_dir():
+            found += [(path, nb) for nb in sorted(path.rglob("*.ipynb")) if ".ipynb_checkpoints" not in nb.parts]
+        elif path.exists():
+            found.append((path.parent, path))
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    submissions, names = [], set()
+    for base, notebook in found:
+        name, tree_lab = _name_and_lab(course, base, notebook)
+        while name in names:
+            name += "_"
+        names.add(name)
+        lab = forced or _lab_of(course, notebook, tree_lab)
+        problem = "" if lab else (
+            f"cannot tell which lab {notebook} is for (no course metadata, no lab folder, "
+            f"and its name matches no lab's notebook); pass --lab")
+        submissions.append(Submission(name, notebook, lab, problem))
+    return submissions
+
+
+def _name_and_lab(course: Course, base: Path, notebook: Path) -> tuple[str, str | None]:
+    """nbgrader's submitted/<student>/<lab>/<notebook>.ipynb names the student and
+    the lab; any other layout is named by the notebook's path under the folder given."""
+    parts = notebook.parts
+    if len(parts) >= 4 and parts[-2] in course.labs and "submitted" in parts[:-3]:
+        return parts[-3], parts[-2]
+    relative = notebook.relative_to(base).with_suffix("")
+    return "__".join(relative.parts), None
+
+
+def _lab_of(course: Course, notebook: Path, tree_lab: str | None) -> Lab | None:
+    try:
+        lab_id = notebook_lab(read_notebook(notebook))
+    except (SubmissionError, OSError):
+        lab_id = None
+    for candidate in (lab_id, tree_lab):
+        if candidate in course.labs:
+            return course.labs[candidate]
+    return next((lab for lab in course.labs.values() if lab.notebook == notebook.name), None)
+
+
+def submission_key(lab: Lab, notebook: Path) -> str:
+    """The content that decides a grade: the notebook, the lab's suite and its config."""
+    digest = hashlib.sha256(coursekit.__version__.encode())
+    digest.update(notebook.read_bytes())
+    digest.update(lab.id.encode())
+    digest.update(repr(sorted(lab.tests.items())).encode())
+    digest.update(repr(lab.limits).encode())
+    for path in sorted(lab.suite_dir.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def grade_batch(course: Course, submissions: list[Submission], out: Path, workers: int = 1,
+                force: bool = False, progress: bool = True) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+    todo: list[tuple[Submission, str]] = []
+    for sub in submissions:
+        if sub.lab is None:
+            rows[sub.name] = _row(sub, None, sub.problem)
+            continue
+        key = submission_key(sub.lab, sub.notebook)
+        previous = read_results(out / sub.name / RESULTS_FILE)
+        if not force and previous and previous.get("extra_data", {}).get("key") == key:
+            rows[sub.name] = _row(sub, previous)
+        else:
+            todo.append((sub, key))
+
+    bar = tqdm(total=len(todo), desc="grading", unit="nb", disable=not progress, file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(_grade_one, course, sub, key, out): sub for sub, key in todo}
+        for future in as_completed(futures):
+            sub = futures[future]
+            rows[sub.name] = _row(sub, future.result())
+            bar.update(1)
+            bar.set_postfix_str(sub.name[:30])
+    bar.close()
+    ordered = [rows[s.name] for s in submissions]
+    write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
+    return ordered
+
+
+def _grade_one(course: Course, sub: Submission, key: str, out: Path) -> dict:
+    """Run the worker; whatever happens to it, the submission ends with results."""
+    folder = out / sub.name
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = {"key": key, "student": sub.name, "notebook": str(sub.notebook)}
+    started = time.monotonic()
+    command = [sys.executable, "-m", "coursekit.worker", "--course", str(course.path), "--lab", sub.lab.id,
+               "--notebook", str(sub.notebook), "--out", str(folder), "--extra", json.dumps(extra)]
+    results_path = folder / RESULTS_FILE
+    results_path.unlink(missing_ok=True)
+    with open(folder / "grader.log", "wb") as log:
+        try:
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(),
+                                  timeout=sub.lab.limits.submission_seconds + WORKER_GRACE_SECONDS)
+            problem = "" if proc.returncode == 0 else f"the grader's worker exited with status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            problem = "grading ran past the submission's time limit and was stopped"
+    results = read_results(results_path)
+    if results is None:
+        results = failed_results(sub.lab, f"Grading failed: {problem or 'no results were written'}. "
+                                 f"The instructor can see {folder / 'grader.log'}.",
+                                 time.monotonic() - started, extra)
+        write_results(results_path, results)
+    return results
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _row(sub: Submission, results: dict | None, problem: str = "") -> dict:
+    extra = (results or {}).get("extra_data", {})
+    score = (results or {}).get("score", 0.0)
+    max_score = extra.get("max_score", sub.lab.max_score if sub.lab else 0.0)
+    problem = problem or str(extra.get("problem", ""))
+    return {"student": sub.name, "lab": sub.lab.id if sub.lab else "", "score": score, "max_score": max_score,
+            "percent": round(100 * score / max_score, 1) if max_score else 0.0, "problem": problem}
+
+
+def _merge_gradebook(out: Path, rows: list[dict]) -> list[dict]:
+    """Keep the rows of students graded into the same folder by earlier runs."""
+    import csv
+
+    merged: dict[tuple[str, str], dict] = {}
+    try:
+        with open(out / GRADEBOOK_FILE, encoding="utf-8", newline="") as handle:
+            for row in csv.DictReader(handle):
+                merged[(row["student"], row["lab"])] = row
+    except (OSError, KeyError):
+        pass
+    for row in rows:
+        merged[(row["student"], row["lab"])] = row
+    return sorted(merged.values(), key=lambda r: (r["lab"], r["student"]))
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("student", "lab", "score", "percent", "problem")
+    body = [(r["student"], r["lab"], f"{float(r['score']):g} / {float(r['max_score']):g}",
+             f"{float(r['percent']):.1f}%", r["problem"][:60]) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

@@ -1,0 +1,133 @@
+"""``course check``: the instructor's pre-flight for each lab.
+
+- course.yaml gives points to exactly the suite's test functions;
+- release/ and solutions/ are what `course release` makes of source/ today;
+- release/ holds no solution code and no hidden-test text;
+- the source notebook, graded like any submission, scores full marks; the
+  release stub scores 0 and grades without the grader failing.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+from coursekit.batch import Submission, grade_batch
+from coursekit.config import Course, Lab
+from coursekit.release import OUTPUT_FOLDERS, generate
+
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+# Lines this short ("return x", "pass") appear in any notebook; they prove no leak.
+MIN_LEAK_LINE = 24
+
+
+def suite_tests(lab: Lab) -> set[str]:
+    names = set()
+    for path in sorted(lab.suite_dir.glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        names |= {node.name for node in tree.body
+                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test")}
+    return names
+
+
+def check_points(lab: Lab) -> list[str]:
+    found = suite_tests(lab)
+    if not found:
+        return [f"{lab.id}: no test functions in {lab.suite_dir}"]
+    problems = [f"{lab.id}: test {name} in the suite has no points in course.yaml" for name in sorted(found - set(lab.tests))]
+    problems += [f"{lab.id}: course.yaml gives points to {name}, which the suite does not define"
+                 for name in sorted(set(lab.tests) - found)]
+    return problems
+
+
+def _normalised(path: Path) -> str:
+    return json.dumps(nbformat.read(path, as_version=4), sort_keys=True)
+
+
+def check_up_to_date(course: Course, lab: Lab) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="course-check-") as tmp:
+        scratch = Path(tmp)
+        shutil.copytree(course.root / "source" / lab.id, scratch / "source" / lab.id)
+        generate(course, [lab], root=scratch)
+        problems = []
+        for folder in OUTPUT_FOLDERS:
+            fresh, committed = scratch / folder / lab.id / lab.notebook, course.root / folder / lab.id / lab.notebook
+            if not committed.exists():
+                problems.append(f"{lab.id}: {committed.relative_to(course.root)} is missing; run `course release {lab.id}`")
+            elif _normalised(fresh) != _normalised(committed):
+                problems.append(f"{lab.id}: {committed.relative_to(course.root)} is out of date with "
+                                f"source/; run `course release {lab.id}`")
+        return problems
+
+
+def solution_lines(nb: nbformat.NotebookNode) -> tuple[set[str], set[str]]:
+    """(lines inside solution regions, lines outside them), stripped."""
+    inside, outside = set(), set()
+    for cell in nb.cells:
+        in_region = False
+        for raw in cell.source.splitlines():
+            line = raw.strip()
+            if line.startswith(BEGIN):
+                in_region = True
+            elif line.startswith(END):
+                in_region = False
+            elif line:
+                (inside if in_region else outside).add(line)
+    return inside, outside
+
+
+def check_leaks(course: Course, lab: Lab) -> list[str]:
+    release = course.root / "release" / lab.id
+    if not release.exists():
+        return []
+    text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(release.rglob("*")) if p.is_file())
+    released_lines = {line.strip() for nb_path in release.rglob("*.ipynb")
+                      for cell in nbformat.read(nb_path, as_version=4).cells for line in cell.source.splitlines()}
+    problems = []
+    for marker in (BEGIN, END, "BEGIN HIDDEN TESTS", "BEGIN MARK SCHEME"):
+        if marker in text:
+            problems.append(f"{lab.id}: release/ contains the marker {marker!r}")
+    inside, outside = solution_lines(nbformat.read(lab.notebook_in("source"), as_version=4))
+    for line in sorted(inside - outside):
+        if len(line) >= MIN_LEAK_LINE and line in released_lines:
+            problems.append(f"{lab.id}: solution code appears in release/: {line[:80]!r}")
+    for path in sorted(lab.suite_dir.rglob("*.py")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if len(line) >= MIN_LEAK_LINE and not line.startswith(("#", "import ", "from ")) and line in released_lines:
+                problems.append(f"{lab.id}: a line of the hidden suite ({path.name}) appears in release/: {line[:80]!r}")
+    return problems
+
+
+def check_grades(course: Course, labs: list[Lab], workers: int) -> list[str]:
+    subs = []
+    for lab in labs:
+        subs.append(Submission(f"{lab.id}__source", lab.notebook_in("source"), lab))
+        subs.append(Submission(f"{lab.id}__release", lab.notebook_in("release"), lab))
+    with tempfile.TemporaryDirectory(prefix="course-check-grades-") as out:
+        rows = grade_batch(course, [s for s in subs if s.notebook.exists()], Path(out), workers=workers)
+    problems = []
+    for row in rows:
+        lab = course.labs[row["lab"]]
+        kind = row["student"].rsplit("__", 1)[1]
+        if row["problem"]:
+            problems.append(f"{lab.id}: grading the {kind} notebook failed: {row['problem']}")
+        elif kind == "source" and float(row["score"]) != lab.max_score:
+            problems.append(f"{lab.id}: the source solution scores {row['score']} of {lab.max_score}, not full marks")
+        elif kind == "release" and float(row["score"]) != 0:
+            problems.append(f"{lab.id}: the release stub scores {row['score']}, not 0")
+    return problems
+
+
+def run_checks(course: Course, labs: list[Lab], workers: int = 1, report=print) -> list[str]:
+    problems: list[str] = []
+    for lab in labs:
+        for step in (check_points, lambda lab: check_up_to_date(course, lab), lambda lab: check_leaks(course, lab)):
+            problems += step(lab)
+    report(f"static checks done ({len(problems)} problem(s)); grading source and release notebooks...")
+    problems += check_grades(course, labs, workers)
+    return problems

@@ -1,0 +1,79 @@
+"""The `course` command."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from coursekit.config import ConfigError, load_course
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="course", description="Release, grade and check the course's labs.")
+    parser.add_argument("--course", help="path to course.yaml (default: the repository's, or $COURSE_YAML)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    grade = commands.add_parser("grade", help="grade notebooks, folders of notebooks, or an nbgrader submitted/ tree")
+    grade.add_argument("submissions", nargs="+", type=Path)
+    grade.add_argument("--lab", help="the lab, when a notebook does not say (see course.yaml)")
+    grade.add_argument("--out", type=Path, default=Path("grading-output"), help="results folder (default: %(default)s)")
+    grade.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                       help="submissions graded at once (default: %(default)s)")
+    grade.add_argument("--force", action="store_true", help="regrade submissions already graded unchanged")
+
+    release = commands.add_parser("release", help="regenerate release/ and solutions/ from source/")
+    release.add_argument("labs", nargs="*", help="lab ids (default: all)")
+
+    check = commands.add_parser("check", help="pre-flight: points, release up to date, no leaks, source full marks, stub 0")
+    check.add_argument("labs", nargs="*", help="lab ids (default: all)")
+    check.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+
+    args = parser.parse_args(argv)
+    try:
+        course = load_course(args.course)
+        return {"grade": _grade, "release": _release, "check": _check}[args.command](course, args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"course: {exc}", file=sys.stderr)
+        return 2
+
+
+def _labs(course, ids):
+    return [course.lab(i) for i in ids] if ids else list(course.labs.values())
+
+
+def _grade(course, args) -> int:
+    from coursekit.batch import discover, format_table, grade_batch
+
+    submissions = discover(course, args.submissions, args.lab)
+    if not submissions:
+        print("course: no notebooks (*.ipynb) found in " + ", ".join(map(str, args.submissions)), file=sys.stderr)
+        return 2
+    rows = grade_batch(course, submissions, args.out, workers=args.workers, force=args.force)
+    print(format_table(rows))
+    print(f"\nResults: {args.out}/<student>/results.json; gradebook: {args.out}/grades.csv")
+    return 0
+
+
+def _release(course, args) -> int:
+    from coursekit.release import generate
+
+    labs = _labs(course, args.labs)
+    generate(course, labs)
+    for lab in labs:
+        print(f"{lab.id}: release/{lab.id}/{lab.notebook} and solutions/{lab.id}/{lab.notebook} written")
+    return 0
+
+
+def _check(course, args) -> int:
+    from coursekit.check import run_checks
+
+    problems = run_checks(course, _labs(course, args.labs), workers=args.workers)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    print("course check: all good" if not problems else f"course check: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

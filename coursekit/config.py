@@ -1,0 +1,202 @@
+"""course.yaml: loaded once, validated on load, every error naming the key."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEVICE_POLICIES = ("cpu", "cuda", "auto")
+VISIBILITIES = ("visible", "hidden", "after_due_date", "after_published")
+LIMIT_KEYS = ("test_seconds", "submission_seconds", "memory_mb")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    test_seconds: float
+    submission_seconds: float
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class TestSpec:
+    points: float
+    visibility: str
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Lab:
+    id: str
+    title: str
+    notebook: str
+    limits: Limits
+    tests: dict[str, TestSpec]
+    settings: dict[str, Any]
+    root: Path
+
+    @property
+    def max_score(self) -> float:
+        return sum(t.points for t in self.tests.values())
+
+    def notebook_in(self, folder: str) -> Path:
+        """The lab's notebook under source/, release/ or solutions/."""
+        return self.root / folder / self.id / self.notebook
+
+    @property
+    def suite_dir(self) -> Path:
+        return self.root / "autograder" / self.id
+
+
+@dataclass(frozen=True)
+class Course:
+    course_id: str
+    title: str
+    image_base: str
+    device: str
+    labs: dict[str, Lab]
+    root: Path
+    path: Path = field(repr=False)
+
+    def lab(self, lab_id: str) -> Lab:
+        try:
+            return self.labs[lab_id]
+        except KeyError:
+            raise ConfigError(
+                f"no lab {lab_id!r} in {self.path}; the labs are: {', '.join(self.labs)}") from None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_course_path() -> Path:
+    """COURSE_YAML, else the course.yaml of the repository this package sits in,
+    else ./course.yaml."""
+    if os.environ.get("COURSE_YAML"):
+        return Path(os.environ["COURSE_YAML"])
+    beside = Path(__file__).resolve().parent.parent / "course.yaml"
+    return beside if beside.exists() else Path("course.yaml")
+
+
+def load_course(path: Path | str | None = None) -> Course:
+    path = Path(path) if path else default_course_path()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (run `course` from the course repository "
+                          "or set COURSE_YAML)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return _Validator(path).course(data)
+
+
+class _Validator:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, expected: str, got: Any) -> None:
+        raise ConfigError(f"{self.path}: {key}: expected {expected}, got {got!r}")
+
+    def mapping(self, value: Any, key: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(key, "a mapping", value)
+        return value
+
+    def text(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, "a non-empty string", value)
+        return value
+
+    def number(self, value: Any, key: str, positive: bool = True) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0) or value < 0:
+            self.fail(key, "a positive number" if positive else "a number >= 0", value)
+        return value
+
+    def choice(self, value: Any, key: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            self.fail(key, "one of " + ", ".join(choices), value)
+        return value
+
+    def unknown(self, data: dict, key: str, allowed: tuple[str, ...]) -> None:
+        extra = sorted(set(data) - set(allowed))
+        if extra:
+            raise ConfigError(f"{self.path}: {key}: unknown key {extra[0]!r} (allowed: {', '.join(allowed)})")
+
+    def course(self, data: Any) -> Course:
+        data = self.mapping(data, "(top level)")
+        self.unknown(data, "(top level)", ("course_id", "title", "image", "device", "defaults", "labs"))
+        image = self.mapping(data.get("image", {}), "image")
+        defaults = self.mapping(data.get("defaults", {}), "defaults")
+        self.unknown(defaults, "defaults", ("limits", "visibility"))
+        default_limits = self.limits(defaults.get("limits"), "defaults.limits", None)
+        default_visibility = self.choice(defaults.get("visibility", "visible"), "defaults.visibility", VISIBILITIES)
+        labs_data = data.get("labs")
+        if not isinstance(labs_data, list) or not labs_data:
+            self.fail("labs", "a non-empty list of labs", labs_data)
+        root = self.path.resolve().parent
+        labs: dict[str, Lab] = {}
+        for i, lab_data in enumerate(labs_data):
+            lab = self.lab(lab_data, f"labs[{i}]", default_limits, default_visibility, root)
+            if lab.id in labs:
+                raise ConfigError(f"{self.path}: labs[{i}].id: {lab.id!r} is used twice")
+            labs[lab.id] = lab
+        return Course(
+            course_id=self.text(data.get("course_id"), "course_id"),
+            title=self.text(data.get("title"), "title"),
+            image_base=self.text(image.get("base"), "image.base"),
+            device=self.choice(data.get("device", "auto"), "device", DEVICE_POLICIES),
+            labs=labs, root=root, path=self.path,
+        )
+
+    def limits(self, data: Any, key: str, base: Limits | None) -> Limits:
+        data = self.mapping(data if data is not None else {}, key)
+        self.unknown(data, key, LIMIT_KEYS)
+        values = {}
+        for name in LIMIT_KEYS:
+            if name in data:
+                values[name] = self.number(data[name], f"{key}.{name}")
+            elif base is not None:
+                values[name] = getattr(base, name)
+            else:
+                self.fail(f"{key}.{name}", "a positive number", None)
+        return Limits(**values)
+
+    def lab(self, data: Any, key: str, limits: Limits, visibility: str, root: Path) -> Lab:
+        data = self.mapping(data, key)
+        self.unknown(data, key, ("id", "title", "notebook", "limits", "tests", "settings", "visibility"))
+        lab_id = self.text(data.get("id"), f"{key}.id")
+        if "/" in lab_id or lab_id.startswith("."):
+            self.fail(f"{key}.id", "a folder name", lab_id)
+        notebook = self.text(data.get("notebook"), f"{key}.notebook")
+        if not notebook.endswith(".ipynb"):
+            self.fail(f"{key}.notebook", "a .ipynb file name", notebook)
+        visibility = self.choice(data.get("visibility", visibility), f"{key}.visibility", VISIBILITIES)
+        tests = {}
+        for name, spec in self.mapping(data.get("tests", {}), f"{key}.tests").items():
+            tests[name] = self.test(spec, f"{key}.tests.{name}", visibility)
+        return Lab(
+            id=lab_id, title=self.text(data.get("title"), f"{key}.title"), notebook=notebook,
+            limits=self.limits(data.get("limits"), f"{key}.limits", limits),
+            tests=tests, settings=self.mapping(data.get("settings", {}), f"{key}.settings"), root=root,
+        )
+
+    def test(self, spec: Any, key: str, visibility: str) -> TestSpec:
+        if not isinstance(spec, dict):
+            return TestSpec(points=self.number(spec, key, positive=False), visibility=visibility)
+        self.unknown(spec, key, ("points", "visibility", "timeout"))
+        timeout = spec.get("timeout")
+        return TestSpec(
+            points=self.number(spec.get("points"), f"{key}.points", positive=False),
+            visibility=self.choice(spec.get("visibility", visibility), f"{key}.visibility", VISIBILITIES),
+            timeout=None if timeout is None else self.number(timeout, f"{key}.timeout"),
+        )

@@ -1,0 +1,166 @@
+"""The student's process: a Jupyter kernel started through jupyter_client.
+
+The grader talks to it only by sending code to execute and reading the messages
+that come back. Everything that waits on it has a deadline; a kernel that misses
+one is interrupted, and killed with its whole process group if it does not answer.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from queue import Empty
+
+from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpec
+
+from coursekit.runtime import REPLY_MIME
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MAX_CAPTURED_OUTPUT = 64 * 1024
+MAX_REPLY_CHARS = 1 << 30
+
+
+class KernelTimeout(Exception):
+    """The student's code did not finish in time; the kernel was interrupted or killed."""
+
+
+class KernelDied(Exception):
+    """The student's process exited (sys.exit, os._exit, a crash, out of memory)."""
+
+
+@dataclass
+class Execution:
+    status: str = "ok"                 # "ok" or "error"
+    execution_count: int | None = None
+    error_name: str = ""
+    error_value: str = ""
+    traceback: str = ""
+    output: str = ""                   # captured stdout/stderr, bounded
+    output_dropped: int = 0
+    replies: list[str] = field(default_factory=list)
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+class StudentKernel:
+    """One kernel for one submission. ``env`` and ``cwd`` are the student's."""
+
+    def __init__(self, cwd: str, env: dict[str, str], startup_timeout: float = 120.0,
+                 launch_options: dict | None = None):
+        self.cwd = cwd
+        self.env = env
+        self.startup_timeout = startup_timeout
+        self.launch_options = launch_options or {}
+        self.km: KernelManager | None = None
+        self.kc = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        # Unix sockets in the student's folder rather than TCP ports any local process could reach.
+        km = KernelManager(transport="ipc", ip=os.path.join(self.cwd, ".kernel"))
+        km._kernel_spec = KernelSpec(
+            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            display_name="student", language="python",
+        )
+        km.start_kernel(cwd=self.cwd, env=self.env, **self.launch_options)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=self.startup_timeout)
+        except RuntimeError as exc:
+            km.shutdown_kernel(now=True)
+            raise KernelDied(f"the student's kernel did not start: {exc}") from None
+        self.km, self.kc = km, kc
+
+    def shutdown(self) -> None:
+        if self.kc is not None:
+            self.kc.stop_channels()
+        if self.km is not None:
+            try:
+                self.km.shutdown_kernel(now=True)
+            finally:
+                self._kill_group()
+        self.km = self.kc = None
+
+    def _kill_group(self) -> None:
+        """Kill what the kernel left behind: every process of its session."""
+        import signal
+
+        provisioner = getattr(self.km, "provisioner", None)
+        pgid = getattr(provisioner, "pgid", None)
+        if pgid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def is_alive(self) -> bool:
+        return self.km is not None and self.km.is_alive()
+
+    # -- execution ------------------------------------------------------------------
+
+    def execute(self, code: str, timeout: float, store_history: bool = False) -> Execution:
+        """Run ``code``; raise KernelTimeout or KernelDied if it does not finish."""
+        if not self.is_alive():
+            raise KernelDied("the student's process is not running")
+        msg_id = self.kc.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=False)
+        deadline = time.monotonic() + max(timeout, 0.05)
+        result = Execution()
+        chunks: list[str] = []
+        captured = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._recover_from_timeout(msg_id)
+                raise KernelTimeout(f"did not finish within {timeout:.0f} s")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=min(remaining, 1.0))
+            except Empty:
+                if not self.km.is_alive():
+                    raise KernelDied("the student's process exited") from None
+                continue
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "status" and content.get("execution_state") == "idle":
+                break
+            if kind == "stream":
+                text = content.get("text", "")
+                room = MAX_CAPTURED_OUTPUT - captured
+                chunks.append(text[:room])
+                captured += min(len(text), max(room, 0))
+                result.output_dropped += max(len(text) - max(room, 0), 0)
+            elif kind == "display_data" and REPLY_MIME in content.get("data", {}):
+                reply = content["data"][REPLY_MIME]
+                if isinstance(reply, str) and len(reply) <= MAX_REPLY_CHARS:
+                    result.replies.append(reply)
+            elif kind == "error":
+                result.status = "error"
+                result.error_name = str(content.get("ename", ""))
+                result.error_value = str(content.get("evalue", ""))
+                result.traceback = strip_ansi("\n".join(map(str, content.get("traceback", []))))
+            elif kind == "execute_input":
+                result.execution_count = content.get("execution_count")
+        result.output = strip_ansi("".join(chunks))
+        return result
+
+    def _recover_from_timeout(self, msg_id: str) -> None:
+        """Interrupt (KeyboardInterrupt in the student's code); if the kernel does not
+        go idle within a few seconds, kill it: the caller restarts it."""
+        self.km.interrupt_kernel()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.5)
+            except Empty:
+                continue
+            if (msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] == "status"
+                    and msg["content"].get("execution_state") == "idle"):
+                return
+        self.shutdown()

@@ -1,0 +1,119 @@
+"""The pytest plugin through which a hidden suite grades one submission: it
+provides the fixtures, puts each test under its time limit, and records each
+test case's outcome with a message meant for the student."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from coursekit import wire
+from coursekit.config import Lab
+from coursekit.proxy import MissingName, Student, StudentError
+from coursekit.session import GradingSession, StudentCrashed, StudentTimeout
+
+
+@dataclass
+class CaseOutcome:
+    function: str       # the test function: the unit that carries points
+    case: str           # the parametrized case id, "" when there is none
+    passed: bool
+    message: str
+    seconds: float
+
+
+class GradingPlugin:
+    def __init__(self, lab: Lab, session: GradingSession, device: str):
+        self.lab = lab
+        self.session = session
+        self.device_name = device
+        self.outcomes: list[CaseOutcome] = []
+        self._started: dict[str, float] = {}
+
+    # -- fixtures -------------------------------------------------------------------
+
+    @pytest.fixture(scope="session")
+    def student(self) -> Student:
+        # Start the kernel and run the notebook here, in the first test's setup, so
+        # that it counts against the submission's limit and not that test's.
+        try:
+            self.session.ensure_running()
+        except StudentCrashed:
+            pass  # each test then fails with the reason
+        return Student(self.session)
+
+    @pytest.fixture(scope="session")
+    def device(self) -> str:
+        return self.device_name
+
+    @pytest.fixture(scope="session")
+    def lab_settings(self) -> dict:
+        return dict(self.lab.settings)
+
+    # -- time limits ----------------------------------------------------------------
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        self._started[item.nodeid] = time.monotonic()
+        if time.monotonic() >= self.session.submission_deadline:
+            pytest.fail("not run: the submission's total time limit had already run out", pytrace=False)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        spec = self.lab.tests.get(_function_name(item))
+        timeout = spec.timeout if spec is not None and spec.timeout else self.lab.limits.test_seconds
+        self.session.test_deadline = time.monotonic() + timeout
+        try:
+            yield
+        finally:
+            self.session.test_deadline = None
+
+    # -- outcomes -------------------------------------------------------------------
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report = (yield).get_result()
+        # One outcome per case: the call phase, or the setup phase when it failed or skipped.
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            seconds = time.monotonic() - self._started.get(item.nodeid, time.monotonic())
+            if report.skipped:
+                message = "not run: " + _skip_reason(report)
+            elif report.failed:
+                message = student_message(call.excinfo)
+            else:
+                message = ""
+            case = item.callspec.id if hasattr(item, "callspec") else ""
+            self.outcomes.append(CaseOutcome(_function_name(item), case, report.passed, message, seconds))
+
+
+def _function_name(item: pytest.Item) -> str:
+    return getattr(item, "originalname", None) or item.name
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return "skipped"
+
+
+def student_message(excinfo: pytest.ExceptionInfo | None) -> str:
+    """What a student is told about a failed case: never the test's source."""
+    if excinfo is None:
+        return "failed"
+    exc = excinfo.value
+    if isinstance(exc, StudentError):
+        return f"Your code raised {exc}"
+    if isinstance(exc, (MissingName, StudentTimeout, StudentCrashed)):
+        return str(exc)
+    if isinstance(exc, wire.WireError):
+        return f"Your code returned something the grader cannot read: {exc}"
+    if isinstance(exc, AssertionError):
+        return str(exc) or "a check on your result failed"
+    if type(exc).__name__ == "Failed":  # pytest.fail, and pytest.raises that saw nothing
+        text = str(exc)
+        if text.startswith("DID NOT RAISE"):
+            return f"Expected your code to raise {text.removeprefix('DID NOT RAISE').strip()}, it did not"
+        return text
+    return (f"The check could not run on what your code returned ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). Compare your return types and shapes with the contract.")

@@ -1,0 +1,66 @@
+"""``course release``: nbgrader's own generate_assignment and generate_solution,
+configured from course.yaml.
+
+The student notebook (release/) has its solution regions turned into stubs and
+its hidden tests and mark schemes removed; the solution notebook (solutions/) is
+the source without outputs. nbgrader's bookkeeping database is a throwaway here:
+the release depends on the source notebooks alone.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from traitlets.config import Config
+
+from coursekit.config import Course, Lab
+
+STUDENT_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
+OUTPUT_FOLDERS = ("release", "solutions")
+
+
+def nbgrader_config(course: Course, root: Path, db_url: str | None = None) -> Config:
+    """The settings nbgrader needs, for `course release` and for nbgrader_config.py alike."""
+    from nbgrader.preprocessors import ClearMarkScheme, ClearOutput, IncludeHeaderFooter, LockCells
+
+    c = Config()
+    c.CourseDirectory.root = str(root)
+    c.CourseDirectory.course_id = course.course_id
+    c.CourseDirectory.source_directory = "source"
+    c.CourseDirectory.release_directory = "release"
+    c.CourseDirectory.solution_directory = "solutions"
+    if db_url:
+        c.CourseDirectory.db_url = db_url
+    c.ClearSolutions.code_stub = {"python": STUDENT_STUB}
+    c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+    # nbgrader's default ends with Execute, which would run every training cell to
+    # fill in outputs; the solution notebook is published clean instead.
+    c.GenerateSolution.preprocessors = [IncludeHeaderFooter, LockCells, ClearOutput, ClearMarkScheme]
+    c.GenerateAssignment.force = True
+    c.GenerateSolution.force = True
+    return c
+
+
+def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
+    """Write release/ and solutions/ for ``labs`` under ``root`` (the course by
+    default; `course check` passes a scratch copy to compare with what is committed)."""
+    from nbgrader.converters import GenerateAssignment, GenerateSolution
+    from nbgrader.coursedir import CourseDirectory
+
+    root = root or course.root
+    with tempfile.TemporaryDirectory(prefix="course-nbgrader-") as scratch:
+        config = nbgrader_config(course, root, db_url=f"sqlite:///{scratch}/gradebook.db")
+        for lab in labs:
+            if not (root / "source" / lab.id / lab.notebook).exists():
+                raise FileNotFoundError(f"{root / 'source' / lab.id / lab.notebook}: the source notebook of "
+                                        f"lab {lab.id} is missing (course.yaml names it)")
+            for folder in OUTPUT_FOLDERS:
+                shutil.rmtree(root / folder / lab.id, ignore_errors=True)
+            for converter in (GenerateAssignment, GenerateSolution):
+                coursedir = CourseDirectory(config=config)
+                coursedir.assignment_id = lab.id
+                app = converter(coursedir=coursedir, config=config)
+                app.log.setLevel(logging.WARNING)
+                app.start()

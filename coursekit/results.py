@@ -1,0 +1,101 @@
+"""Scores and the files that hold them: results.json in Gradescope's schema, the
+batch's grades.csv, all written atomically so an interrupted run never leaves a
+half-written file behind."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from coursekit.config import Lab
+from coursekit.plugin import CaseOutcome
+from coursekit.session import SessionLog
+
+RESULTS_FILE = "results.json"
+GRADEBOOK_FILE = "grades.csv"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(path: Path, results: dict) -> None:
+    write_atomic(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_results(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def score_tests(lab: Lab, outcomes: list[CaseOutcome]) -> list[dict]:
+    """One Gradescope test per test function; its cases share its points."""
+    tests = []
+    for name, spec in lab.tests.items():
+        cases = [o for o in outcomes if o.function == name]
+        passed = sum(o.passed for o in cases)
+        score = spec.points * passed / len(cases) if cases else 0.0
+        failures = [f"[{o.case}] {o.message}" if o.case else o.message for o in cases if not o.passed]
+        if not cases:
+            failures = ["This test did not run."]
+        output = f"{passed}/{len(cases)} cases passed" if len(cases) > 1 else ""
+        if failures:
+            output = "\n".join([output, *failures]).strip()
+        tests.append({
+            "name": name,
+            "score": round(score, 4),
+            "max_score": spec.points,
+            "status": "passed" if cases and passed == len(cases) else "failed",
+            "output": output,
+            "visibility": spec.visibility,
+        })
+    return tests
+
+
+def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None, seconds: float,
+                  extra: dict, problem: str = "") -> dict:
+    tests = score_tests(lab, outcomes)
+    lines = [problem] if problem else []
+    if log is not None:
+        lines += [f"Your notebook's {e.describe()}\n{e.traceback}" for e in log.cell_errors]
+        if log.restarts:
+            lines.append(f"Your notebook's process was restarted {log.restarts} time(s) after it hung or crashed.")
+    unscored = sorted({o.function for o in outcomes} - set(lab.tests))
+    return {
+        "score": round(sum(t["score"] for t in tests), 4),
+        "execution_time": round(seconds, 2),
+        "output": "\n\n".join(lines),
+        "tests": tests,
+        "extra_data": {"lab": lab.id, "max_score": lab.max_score, "unscored_tests": unscored,
+                       "problem": problem, **extra},
+    }
+
+
+def failed_results(lab: Lab, message: str, seconds: float, extra: dict) -> dict:
+    """The results of a submission that could not be graded at all."""
+    return build_results(lab, [], None, seconds, extra, problem=message)
+
+
+def write_gradebook(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["student", "lab", "score", "max_score", "percent", "problem"])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    write_atomic(path, buffer.getvalue())

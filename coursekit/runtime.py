@@ -1,0 +1,172 @@
+"""The part of the engine that lives inside the student's kernel.
+
+It answers the grader's requests (look up a name, call it, read an attribute,
+run a backward probe) and publishes each answer as one display message of its own
+MIME type. It holds no test code, no expected value and no result: it only runs
+the student's objects on the arguments it is sent and encodes what comes back.
+
+The grader never trusts what this module says beyond its shape: whatever the
+student does to it (monkeypatching included) can only make their own answers
+wrong, because every value is checked in the grader's process.
+"""
+from __future__ import annotations
+
+import importlib
+import traceback
+from typing import Any
+
+import torch
+
+from coursekit import wire
+
+REPLY_MIME = "text/x-coursekit-reply"
+_INTERNAL_FILES = (__file__, wire.__file__)
+
+
+class Runtime:
+    def __init__(self, shell):
+        self.shell = shell
+        self.objects: dict[int, Any] = {}
+        self._ids: dict[int, int] = {}  # id(obj) -> handle, so one object keeps one handle
+
+    # -- handles ------------------------------------------------------------------
+
+    def handle_of(self, obj: Any) -> dict:
+        key = id(obj)
+        hid = self._ids.get(key)
+        if hid is None or self.objects.get(hid) is not obj:
+            hid = len(self.objects) + 1
+            self.objects[hid] = obj
+            self._ids[key] = hid
+        kind = type(obj)
+        return {wire.TAG: "handle", "id": hid, "type": f"{kind.__module__}.{kind.__qualname__}",
+                "callable": callable(obj)}
+
+    def resolve(self, record: dict) -> Any:
+        try:
+            return self.objects[record["id"]]
+        except KeyError:
+            raise LookupError("this object no longer exists in the student process") from None
+
+    def encode(self, value: Any, keep: bool = False) -> Any:
+        if keep:
+            return self.handle_of(value)
+        return wire.encode(value, self.handle_of)
+
+    def decode(self, data: Any) -> Any:
+        return wire.decode(data, self.resolve, grad=True)
+
+    # -- requests -------------------------------------------------------------------
+
+    def dispatch(self, request_text: str) -> None:
+        from IPython.display import publish_display_data
+
+        try:
+            request = wire.loads(request_text, self.resolve, grad=True)
+            reply = {"ok": self.encode(*self._run(request))}
+        except BaseException as exc:  # noqa: BLE001 - every failure is reported, SystemExit included
+            reply = {"error": self.describe(exc)}
+        try:
+            text = wire.json.dumps(reply, allow_nan=False, separators=(",", ":"))
+        except BaseException as exc:  # noqa: BLE001
+            text = wire.json.dumps({"error": self.describe(exc)})
+        publish_display_data({REPLY_MIME: text})
+
+    def _run(self, request: dict) -> tuple[Any, bool]:
+        op = request["op"]
+        keep = bool(request.get("keep", False))
+        if op == "lookup":
+            name = request["name"]
+            if name not in self.shell.user_ns:
+                raise NameError(name)
+            return self.shell.user_ns[name], True
+        if op == "lib":
+            return _import_path(request["path"]), True
+        target = request["target"]
+        if op == "call":
+            return target(*request.get("args", ()), **request.get("kwargs", {})), keep
+        if op == "getattr":
+            return getattr(target, request["name"]), False
+        if op == "setattr":
+            setattr(target, request["name"], request["value"])
+            return None, False
+        if op == "len":
+            return len(target), False
+        if op == "getitem":
+            return target[request["key"]], False
+        if op == "list":
+            return list(target), False
+        if op == "isinstance":
+            return isinstance(target, _import_path(request["path"])), False
+        if op == "backward":
+            return self._backward(target, request), False
+        raise ValueError(f"unknown request {op!r}")
+
+    def _backward(self, fn, request: dict) -> dict:
+        args = request.get("args", ())
+        output = fn(*args, **request.get("kwargs", {}))
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        grad_outputs = request.get("grad_outputs")
+        if grad_outputs is None:
+            first = next(o for o in outputs if isinstance(o, torch.Tensor))
+            pairs = [(first, torch.ones_like(first))]
+        else:
+            if not isinstance(grad_outputs, (tuple, list)):
+                grad_outputs = (grad_outputs,)
+            pairs = [(o, g.to(o.device, o.dtype)) for o, g in zip(outputs, grad_outputs)
+                     if g is not None and isinstance(o, torch.Tensor)]
+        total = sum((o * g).sum() for o, g in pairs if o.requires_grad)
+        if isinstance(total, torch.Tensor):
+            total.backward()
+        result = {"output": output,
+                  "grads": [a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args]}
+        if isinstance(fn, torch.nn.Module):
+            result["param_grads"] = {n: p.grad for n, p in fn.named_parameters()}
+        return result
+
+    # -- errors ---------------------------------------------------------------------
+
+    def describe(self, exc: BaseException) -> dict:
+        builtin = next((k.__name__ for k in type(exc).__mro__
+                        if k.__module__ == "builtins" and k is not object), "Exception")
+        try:
+            message = str(exc)
+        except BaseException:  # noqa: BLE001 - a hostile __str__
+            message = "<the exception's message could not be read>"
+        return {"type": type(exc).__name__, "builtin": builtin, "message": message[:4000],
+                "traceback": self.format_traceback(exc)}
+
+    def format_traceback(self, exc: BaseException) -> list[dict]:
+        """Frames of the student's own code: execution count (In[n]) when the frame
+        is a notebook cell, else the file name; the runtime's frames are left out."""
+        frames = []
+        cell_names = getattr(getattr(self.shell, "compile", None), "_filename_map", {}) or {}
+        try:
+            for frame in traceback.extract_tb(exc.__traceback__):
+                if frame.filename in _INTERNAL_FILES:
+                    continue
+                frames.append({"in": cell_names.get(frame.filename), "file": frame.filename,
+                               "line": frame.lineno, "name": frame.name, "code": (frame.line or "")[:300]})
+        except BaseException:  # noqa: BLE001
+            pass
+        return frames[-20:]
+
+
+def _import_path(path: str) -> Any:
+    """``package.module.attr.attr``: import the longest importable prefix, then getattr."""
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"cannot import {path!r} in the student process")
+
+
+def install(shell) -> Runtime:
+    runtime = Runtime(shell)
+    globals()["current"] = runtime
+    return runtime

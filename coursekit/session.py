@@ -1,0 +1,203 @@
+"""One submission's student process, from the grader's side.
+
+The session starts the kernel, loads the runtime, runs the notebook's gradable
+cells (recording, not stopping at, the cells that raise), and then answers the
+proxy's requests under the deadline of the test in flight. A kernel that hangs or
+dies is restarted and the notebook run again, so one bad call costs only the
+tests that were waiting on it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coursekit import wire
+from coursekit.kernel import Execution, KernelDied, KernelTimeout, StudentKernel
+from coursekit.notebook import Cell
+
+MAX_RESTARTS = 3
+_RUNTIME_BOOT = "import coursekit.runtime as _ck_rt; _ck_rt.install(get_ipython()); del _ck_rt"
+_CALL = "__import__('coursekit.runtime').runtime.current.dispatch({payload!r})"
+
+
+class StudentTimeout(AssertionError):
+    """A call into the student's code ran past the time limit."""
+
+
+class StudentCrashed(AssertionError):
+    """The student's process died or could not be (re)started."""
+
+
+@dataclass
+class CellError:
+    cell: Cell
+    name: str
+    value: str
+    traceback: str
+
+    def describe(self) -> str:
+        return f"cell #{self.cell.number} ({self.cell.first_line!r}) raised {self.name}: {self.value}"
+
+
+@dataclass
+class SessionLog:
+    cell_errors: list[CellError] = field(default_factory=list)
+    restarts: int = 0
+    notes: list[str] = field(default_factory=list)
+    output: str = ""
+
+
+class GradingSession:
+    def __init__(self, cells: list[Cell], workdir: Path, env: dict[str, str], submission_seconds: float,
+                 launch_options: dict | None = None):
+        self.cells = cells
+        self.workdir = workdir
+        self.env = env
+        self.launch_options = launch_options
+        self.started = time.monotonic()
+        self.submission_deadline = self.started + submission_seconds
+        self.test_deadline: float | None = None
+        self.kernel: StudentKernel | None = None
+        self.generation = 0           # bumped on every (re)start: handles of older generations are dead
+        self.exec_to_cell: dict[int, Cell] = {}
+        self.log = SessionLog()
+        self.broken: str | None = None  # why grading cannot go on, once it cannot
+
+    # -- deadlines ------------------------------------------------------------------
+
+    def remaining(self) -> float:
+        now = time.monotonic()
+        limit = self.submission_deadline - now
+        if self.test_deadline is not None:
+            limit = min(limit, self.test_deadline - now)
+        return limit
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def ensure_running(self) -> None:
+        if self.broken:
+            raise StudentCrashed(self.broken)
+        if self.kernel is not None and self.kernel.is_alive():
+            return
+        if self.kernel is not None:
+            self.kernel.shutdown()
+            self.log.restarts += 1
+            if self.log.restarts > MAX_RESTARTS:
+                self.broken = (f"your notebook's process was restarted {MAX_RESTARTS} times "
+                                "(it hung or crashed each time); the remaining tests were not run")
+                raise StudentCrashed(self.broken)
+        began = time.monotonic()
+        try:
+            self._start()
+        finally:
+            # Re-running the notebook is not the time of the test in flight.
+            if self.test_deadline is not None:
+                self.test_deadline += time.monotonic() - began
+
+    def _start(self) -> None:
+        self.generation += 1
+        kernel = StudentKernel(str(self.workdir), self.env, launch_options=self.launch_options)
+        try:
+            kernel.start()
+            kernel.execute(_RUNTIME_BOOT, timeout=120)
+        except (KernelDied, KernelTimeout) as exc:
+            kernel.shutdown()
+            self.broken = f"your notebook's process could not be started: {exc}"
+            raise StudentCrashed(self.broken) from None
+        self.kernel = kernel
+        first_run = self.generation == 1
+        for cell in self.cells:
+            budget = self.submission_deadline - time.monotonic()
+            if budget <= 0:
+                self.broken = "the submission's time limit ran out while its cells were running"
+                raise StudentCrashed(self.broken)
+            try:
+                result = kernel.execute(cell.source, timeout=budget, store_history=True)
+            except KernelTimeout:
+                self.broken = (f"cell #{cell.number} ({cell.first_line!r}) was still running when the "
+                                "submission's time limit ran out; make sure no cell loops forever")
+                raise StudentCrashed(self.broken) from None
+            except KernelDied:
+                self.broken = (f"cell #{cell.number} ({cell.first_line!r}) ended the notebook's process "
+                                "(sys.exit, os._exit, a crash or running out of memory)")
+                raise StudentCrashed(self.broken) from None
+            if result.execution_count is not None:
+                self.exec_to_cell[result.execution_count] = cell
+            if first_run:
+                self._record(cell, result)
+
+    def _record(self, cell: Cell, result: Execution) -> None:
+        if result.output and len(self.log.output) < 16_000:
+            self.log.output += result.output[: 16_000 - len(self.log.output)]
+        if result.status == "error":
+            self.log.cell_errors.append(
+                CellError(cell, result.error_name, result.error_value[:2000],
+                          self.annotate(result.traceback)[-6000:]))
+
+    def close(self) -> None:
+        if self.kernel is not None:
+            self.kernel.shutdown()
+            self.kernel = None
+
+    # -- requests -------------------------------------------------------------------
+
+    def request(self, op: str, **fields: Any) -> Any:
+        """Send one request to the runtime; return the decoded ``ok`` value or the
+        ``error`` record (a dict with key ``error``), for the proxy to raise."""
+        from coursekit.proxy import decode_reply, handle_record  # the proxy owns handle objects
+
+        self.ensure_running()
+        payload = wire.dumps({"op": op, **fields}, handle_record)
+        timeout = self.remaining()
+        if timeout <= 0:
+            raise StudentTimeout(self._timeout_message())
+        try:
+            result = self.kernel.execute(_CALL.format(payload=payload), timeout=timeout)
+        except KernelTimeout:
+            raise StudentTimeout(self._timeout_message()) from None
+        except KernelDied:
+            raise StudentCrashed("your code ended the notebook's process (sys.exit, os._exit, a crash, "
+                                 "or running out of memory); it was restarted for the next tests") from None
+        if not result.replies:
+            raise StudentCrashed("the notebook's process gave no answer (did your code replace the "
+                                 "grader's helpers or close its output?)")
+        return decode_reply(self, result.replies[-1])
+
+    def _timeout_message(self) -> str:
+        if time.monotonic() >= self.submission_deadline:
+            return "the submission's total time limit ran out"
+        return "your code did not finish within this test's time limit (an infinite loop, or far too slow)"
+
+    def annotate(self, traceback_text: str) -> str:
+        """Name notebook cells in a traceback: IPython prints ``In[7]``, a student
+        needs the cell's position."""
+        def cell_for(match: re.Match) -> str:
+            cell = self.exec_to_cell.get(int(match.group(1)))
+            return f"{match.group(0)} (cell #{cell.number})" if cell else match.group(0)
+        return re.sub(r"In\s*\[(\d+)\]", cell_for, traceback_text)
+
+
+def student_environment(data_dir: Path) -> dict[str, str]:
+    """The student's process gets a minimal environment: nothing of the grader's
+    beyond what Python and the libraries need to start."""
+    keep = ("PATH", "LANG", "LC_ALL", "HOME", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+            "LD_LIBRARY_PATH", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "OMP_NUM_THREADS")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update({
+        "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "Agg",
+        "COURSE_DATA_DIR": str(data_dir),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    return env
+
+
+def make_workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="course-student-"))

@@ -1,0 +1,71 @@
+"""Assertions for the hidden suites, with messages written for students: what
+differs and by how much, never the expected tensor itself."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    type_name = getattr(value, "type_name", type(value).__name__)
+    raise AssertionError(f"{what}: expected a torch.Tensor, got {type_name}")
+
+
+def assert_shape(actual: Any, shape: tuple[int, ...] | torch.Size, what: str = "the result") -> None:
+    tensor = _as_tensor(actual, what)
+    if tuple(tensor.shape) != tuple(shape):
+        raise AssertionError(f"{what} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+
+
+def assert_close(actual: Any, expected: torch.Tensor, *, atol: float, rtol: float = 0.0,
+                 what: str = "the result", check_dtype: bool = True, equal_nan: bool = False) -> None:
+    """``actual`` must match ``expected`` in shape, dtype (unless told otherwise)
+    and value within ``atol + rtol * |expected|``, and hold no NaN or inf that the
+    reference does not."""
+    tensor = _as_tensor(actual, what)
+    expected = expected.detach()
+    if tuple(tensor.shape) != tuple(expected.shape):
+        raise AssertionError(f"{what} has shape {tuple(tensor.shape)}, expected {tuple(expected.shape)}")
+    if check_dtype and tensor.dtype != expected.dtype:
+        raise AssertionError(f"{what} has dtype {tensor.dtype}, expected {expected.dtype}")
+    a = tensor.cpu().to(torch.float64) if not tensor.is_complex() else tensor.cpu().to(torch.complex128)
+    e = expected.cpu().to(a.dtype)
+    if a.numel() == 0:
+        return
+    bad_a, bad_e = ~torch.isfinite(a), ~torch.isfinite(e)
+    if (bad_a != bad_e).any():
+        index = tuple(torch.nonzero(bad_a != bad_e)[0].tolist())
+        raise AssertionError(f"{what} has NaN or inf where the reference is finite (or the reverse), "
+                             f"first at index {index}")
+    if bad_a.any() and not equal_nan and not torch.equal(a[bad_a], e[bad_a]):
+        raise AssertionError(f"{what} has NaN where the reference has NaN too, which this check does not accept")
+    finite = ~bad_a
+    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a.real) if a.is_complex() else torch.zeros_like(a))
+    allowed = atol + rtol * e.abs()
+    over = diff > allowed
+    if over.any():
+        flat = int(torch.argmax((diff - allowed).reshape(-1)))
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+        raise AssertionError(
+            f"{what} differs from the reference: max abs diff {float(diff.max()):.3g} "
+            f"(at index {index}; {int(over.sum())} of {a.numel()} elements off; atol={atol:g}, rtol={rtol:g})")
+
+
+def assert_equal(actual: Any, expected: Any, what: str = "the result") -> None:
+    """Exact equality for tensors (shape, dtype, every element) and plain values."""
+    if isinstance(expected, torch.Tensor):
+        tensor = _as_tensor(actual, what)
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise AssertionError(f"{what} has shape {tuple(tensor.shape)}, expected {tuple(expected.shape)}")
+        if tensor.dtype != expected.dtype:
+            raise AssertionError(f"{what} has dtype {tensor.dtype}, expected {expected.dtype}")
+        mismatch = tensor.cpu() != expected.cpu()
+        if mismatch.any():
+            index = tuple(torch.nonzero(mismatch)[0].tolist())
+            raise AssertionError(f"{what} differs from the reference at {int(mismatch.sum())} position(s), first at index {index}")
+        return
+    if type(actual) is not type(expected) or actual != expected:
+        raise AssertionError(f"{what} differs from the reference")

@@ -1,0 +1,246 @@
+"""The by-value format in which arguments and results cross between the grader and
+the student's process.
+
+Only plain data crosses: JSON scalars and lists, plus tagged objects for tuples,
+dicts with non-string keys, sets, bytes, non-finite floats, tensors (raw bytes with
+dtype and shape), torch dtypes and devices, and references to objects that stay in
+the student's process ("handles"). Decoding builds fresh objects from that data
+alone, so nothing the student controls is ever unpickled or executed by the grader.
+
+Both sides use this module: the grader encodes arguments and decodes results; the
+runtime inside the student's kernel does the reverse. Each side passes its own
+``on_unencodable`` / ``on_handle`` callbacks.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+TAG = "$t"
+MAX_DEPTH = 64
+MAX_ITEMS = 1_000_000
+MAX_PAYLOAD_BYTES = 1 << 30
+
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+        "uint8", "int8", "int16", "int32", "int64", "bool",
+    )
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_HASHABLE_KEYS = (str, int, float, bytes, bool, type(None), tuple)
+
+
+class WireError(ValueError):
+    """A value that cannot cross, or a payload that is not well formed."""
+
+
+def dumps(value: Any, on_unencodable: Callable[[Any], dict] | None = None) -> str:
+    return json.dumps(encode(value, on_unencodable), allow_nan=False, separators=(",", ":"))
+
+
+def loads(text: str | bytes, on_handle: Callable[[dict], Any] | None = None, grad: bool = False) -> Any:
+    return decode(parse(text), on_handle, grad)
+
+
+def parse(text: str | bytes) -> Any:
+    """Plain JSON, size-limited: the envelope of a message, before ``decode``."""
+    if len(text) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"payload of {len(text)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"payload is not well-formed JSON: {exc}") from None
+    return raw
+
+
+# -- encoding -------------------------------------------------------------------
+
+
+def encode(value: Any, on_unencodable: Callable[[Any], dict] | None = None, _depth: int = 0) -> Any:
+    """Turn ``value`` into JSON-ready data. Objects that are not plain data go to
+    ``on_unencodable`` (which returns a handle record), or raise ``WireError``."""
+    if _depth > MAX_DEPTH:
+        raise WireError(f"value is nested deeper than {MAX_DEPTH} levels")
+    rec = lambda v: encode(v, on_unencodable, _depth + 1)  # noqa: E731
+
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float:
+        if math.isfinite(value):
+            return value
+        return {TAG: "float", "v": repr(value)}
+    if type(value) in (bytes, bytearray):
+        return {TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, torch.Tensor):
+        return _encode_tensor(value)
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPE_NAMES:
+            raise WireError(f"dtype {value} cannot cross")
+        return {TAG: "dtype", "v": _DTYPE_NAMES[value]}
+    if isinstance(value, torch.device):
+        return {TAG: "device", "v": str(value)}
+    numpy_value = _from_numpy(value)
+    if numpy_value is not _NOT_NUMPY:
+        return rec(numpy_value)
+    if type(value) is list:
+        return [rec(v) for v in _bounded(value)]
+    if type(value) is tuple or (isinstance(value, tuple) and hasattr(value, "_fields")):
+        return {TAG: "tuple", "v": [rec(v) for v in _bounded(value)]}
+    if isinstance(value, Mapping):
+        return {TAG: "dict", "v": [[rec(k), rec(v)] for k, v in _bounded(value.items())]}
+    if type(value) in (set, frozenset):
+        return {TAG: "set", "v": [rec(v) for v in _bounded(value)]}
+    if isinstance(value, Iterator) and on_unencodable is not None:
+        return [rec(v) for v in _bounded(value)]
+    if on_unencodable is not None:
+        return on_unencodable(value)
+    raise WireError(f"a value of type {type(value).__qualname__} cannot cross by value")
+
+
+def _bounded(items):
+    for i, item in enumerate(items):
+        if i >= MAX_ITEMS:
+            raise WireError(f"more than {MAX_ITEMS} items in one container")
+        yield item
+
+
+def _encode_tensor(t: torch.Tensor) -> dict:
+    if t.dtype not in _DTYPE_NAMES:
+        raise WireError(f"tensors of dtype {t.dtype} cannot cross")
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    flat = t.detach().as_subclass(torch.Tensor).cpu().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return {
+        TAG: "tensor",
+        "dtype": _DTYPE_NAMES[t.dtype],
+        "shape": list(t.shape),
+        "data": base64.b64encode(raw).decode("ascii"),
+        "device": str(t.device),
+        "grad": bool(t.requires_grad),
+    }
+
+
+_NOT_NUMPY = object()
+
+
+def _from_numpy(value: Any) -> Any:
+    """numpy arrays become tensors and numpy scalars Python numbers, without
+    importing numpy on a side that never saw it."""
+    module = type(value).__module__
+    if not module.startswith("numpy"):
+        return _NOT_NUMPY
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        arr = np.asarray(value)  # drops masked-array and matrix subclasses
+        if arr.dtype == object:
+            return arr.tolist()
+        return torch.from_numpy(np.ascontiguousarray(arr).copy())
+    return _NOT_NUMPY
+
+
+# -- decoding -------------------------------------------------------------------
+
+
+def decode(data: Any, on_handle: Callable[[dict], Any] | None = None, grad: bool = False, _depth: int = 0) -> Any:
+    """Build fresh objects from ``data``. ``grad``: honour the requires_grad flag of
+    tensors (the student's side does, for backward probes; the grader never needs it)."""
+    if _depth > MAX_DEPTH:
+        raise WireError(f"payload is nested deeper than {MAX_DEPTH} levels")
+    rec = lambda v: decode(v, on_handle, grad, _depth + 1)  # noqa: E731
+
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is list:
+        return [rec(v) for v in data]
+    if type(data) is not dict or not isinstance(data.get(TAG), str):
+        raise WireError(f"unexpected {type(data).__name__} in payload")
+    tag = data[TAG]
+    v = data.get("v")
+    if tag == "float":
+        if v not in ("nan", "inf", "-inf"):
+            raise WireError("bad float record")
+        return float(v)
+    if tag == "bytes":
+        return _b64(v)
+    if tag == "tuple":
+        return tuple(rec(x) for x in _list(v))
+    if tag == "set":
+        return {_key(rec(x)) for x in _list(v)}
+    if tag == "dict":
+        out = {}
+        for pair in _list(v):
+            if type(pair) is not list or len(pair) != 2:
+                raise WireError("bad dict record")
+            out[_key(rec(pair[0]))] = rec(pair[1])
+        return out
+    if tag == "tensor":
+        return _decode_tensor(data, grad)
+    if tag == "dtype":
+        if v not in DTYPES:
+            raise WireError(f"unknown dtype {v!r}")
+        return DTYPES[v]
+    if tag == "device":
+        if type(v) is not str or len(v) > 32:
+            raise WireError("bad device record")
+        return torch.device(v)
+    if tag == "handle":
+        if on_handle is None:
+            raise WireError("a handle is not expected here")
+        if type(data.get("id")) is not int:
+            raise WireError("bad handle record")
+        return on_handle(data)
+    raise WireError(f"unknown record type {tag!r}")
+
+
+def _list(v: Any) -> list:
+    if type(v) is not list:
+        raise WireError("expected a list in payload")
+    return v
+
+
+def _key(k: Any) -> Any:
+    if not isinstance(k, _HASHABLE_KEYS):
+        raise WireError(f"a {type(k).__name__} cannot be a dict key or set item")
+    return k
+
+
+def _b64(v: Any) -> bytes:
+    if type(v) is not str:
+        raise WireError("bad bytes record")
+    try:
+        return base64.b64decode(v, validate=True)
+    except ValueError:
+        raise WireError("bad base64 in payload") from None
+
+
+def _decode_tensor(data: dict, grad: bool) -> torch.Tensor:
+    dtype = DTYPES.get(data.get("dtype"))
+    shape = data.get("shape")
+    if dtype is None or type(shape) is not list or not all(type(s) is int and s >= 0 for s in shape):
+        raise WireError("bad tensor record")
+    raw = _b64(data.get("data"))
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != numel * itemsize:
+        raise WireError(f"tensor data holds {len(raw)} bytes, its shape {shape} and dtype need {numel * itemsize}")
+    if numel == 0:
+        tensor = torch.empty(shape, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+    device = data.get("device", "cpu")
+    if type(device) is str and device != "cpu" and torch.cuda.is_available():
+        tensor = tensor.to(device)
+    if grad and data.get("grad") is True and (tensor.is_floating_point() or tensor.is_complex()):
+        tensor.requires_grad_(True)
+    return tensor

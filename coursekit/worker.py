@@ -1,0 +1,67 @@
+"""Grade one submission: ``python -m coursekit.worker``.
+
+A fresh grader process per submission, so that no state (imported test modules,
+oracle models, a wedged kernel) carries from one student to the next. It runs the
+lab's hidden suite with the grading plugin against the student's kernel and
+writes results.json; the student's process never sees this process's memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from coursekit.config import Course, Lab, load_course
+from coursekit.notebook import SubmissionError, graded_cells, read_notebook
+from coursekit.plugin import GradingPlugin
+from coursekit.results import RESULTS_FILE, build_results, failed_results, write_results
+from coursekit.session import GradingSession, make_workdir, student_environment
+
+
+def grade(course: Course, lab: Lab, notebook: Path, extra: dict) -> dict:
+    started = time.monotonic()
+    try:
+        nb = read_notebook(notebook)
+    except SubmissionError as exc:
+        return failed_results(lab, str(exc), time.monotonic() - started, extra)
+    workdir = make_workdir()
+    session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data"),
+                             lab.limits.submission_seconds)
+    plugin = GradingPlugin(lab, session, course.resolved_device())
+    ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
+    ini.write_text("[pytest]\n")
+    try:
+        pytest.main([str(lab.suite_dir), "-c", str(ini), "--rootdir", str(lab.suite_dir), "-q",
+                     "-p", "no:cacheprovider", "--assert=plain", "--import-mode=importlib"],
+                    plugins=[plugin])
+    finally:
+        session.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(ini.parent, ignore_errors=True)
+    problem = f"Grading stopped early: {session.broken}" if session.broken else ""
+    return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coursekit.worker")
+    parser.add_argument("--course", required=True)
+    parser.add_argument("--lab", required=True)
+    parser.add_argument("--notebook", required=True)
+    parser.add_argument("--out", required=True, help="folder for results.json")
+    parser.add_argument("--extra", default="{}", help="JSON merged into results' extra_data")
+    args = parser.parse_args(argv)
+    course = load_course(args.course)
+    lab = course.lab(args.lab)
+    results = grade(course, lab, Path(args.notebook), json.loads(args.extra))
+    write_results(Path(args.out) / RESULTS_FILE, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Each lab's hidden suite tells right from plausibly wrong: its reference keeps
+full marks and every mutant in tests/mutants/<lab>.py loses points, on the tests
+the mutant names. Every notebook goes through the real engine (worker process,
+kernel, proxy), all of one lab's in one batch."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from coursekit.batch import Submission, grade_batch
+from coursekit.config import load_course
+from coursekit.results import RESULTS_FILE, read_results
+
+COURSE = load_course(Path(__file__).resolve().parent.parent / "course.yaml")
+REFERENCE = "reference"
+
+
+def _mutants(lab_id: str) -> list:
+    try:
+        return importlib.import_module(f"tests.mutants.{lab_id}").MUTANTS
+    except ModuleNotFoundError:
+        return []
+
+
+CASES = [(lab_id, mutant) for lab_id in COURSE.labs for mutant in _mutants(lab_id)]
+LABS_WITH_MUTANTS = sorted({lab_id for lab_id, _ in CASES})
+
+
+@pytest.fixture(scope="session")
+def graded(tmp_path_factory):
+    """Grade a lab's reference and mutants once, on first use."""
+    cache: dict[str, dict[str, dict]] = {}
+
+    def grade(lab_id: str) -> dict[str, dict]:
+        if lab_id not in cache:
+            lab = COURSE.lab(lab_id)
+            folder = tmp_path_factory.mktemp(f"mutants-{lab_id}")
+            source = nbformat.read(lab.notebook_in("source"), as_version=4)
+            subs = [Submission(REFERENCE, lab.notebook_in("source"), lab)]
+            for mutant in _mutants(lab_id):
+                path = folder / f"{mutant.name}.ipynb"
+                nbformat.write(mutant.apply(source), path)
+                subs.append(Submission(mutant.name, path, lab))
+            out = folder / "out"
+            grade_batch(COURSE, subs, out, workers=2, progress=False)
+            cache[lab_id] = {s.name: read_results(out / s.name / RESULTS_FILE) for s in subs}
+        return cache[lab_id]
+
+    return grade
+
+
+@pytest.mark.parametrize("lab_id", LABS_WITH_MUTANTS)
+def test_reference_keeps_full_marks(graded, lab_id):
+    results = graded(lab_id)[REFERENCE]
+    failing = {t["name"]: t["output"] for t in results["tests"] if t["score"] != t["max_score"]}
+    assert not failing, f"the reference loses points: {failing}"
+    assert results["score"] == COURSE.lab(lab_id).max_score
+
+
+@pytest.mark.parametrize("lab_id,mutant", CASES, ids=[f"{lab}-{m.name}" for lab, m in CASES])
+def test_mutant_loses_points(graded, lab_id, mutant):
+    results = graded(lab_id)[mutant.name]
+    lab = COURSE.lab(lab_id)
+    assert results["extra_data"]["problem"] == "", f"grading the mutant failed: {results['extra_data']['problem']}"
+    assert results["score"] < lab.max_score, f"{mutant.name} ({mutant.why}) keeps full marks"
+    by_name = {t["name"]: t for t in results["tests"]}
+    for name in mutant.loses:
+        assert name in by_name, f"{mutant.name}: no test named {name} in course.yaml"
+        assert by_name[name]["score"] < by_name[name]["max_score"], (
+            f"{mutant.name} ({mutant.why}) keeps full marks on {name}")
