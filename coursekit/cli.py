@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from coursekit.config import ConfigError, load_course
+from coursekit.release import ReleaseError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         course = load_course(args.course)
         return {"grade": _grade, "release": _release, "check": _check}[args.command](course, args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ReleaseError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,9 @@ the release depends on the source notebooks alone.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,10 @@ from coursekit.config import Course, Lab
 
 STUDENT_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 OUTPUT_FOLDERS = ("release", "solutions")
+
+
+class ReleaseError(RuntimeError):
+    pass
 
 
 def nbgrader_config(course: Course, root: Path, db_url: str | None = None) -> Config:
@@ -47,9 +53,15 @@ def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
     """Write release/ and solutions/ for ``labs`` under ``root`` (the course by
     default; `course check` passes a scratch copy to compare with what is committed)."""
     from nbgrader.converters import GenerateAssignment, GenerateSolution
+    from nbgrader.converters.base import NbGraderException
     from nbgrader.coursedir import CourseDirectory
 
     root = root or course.root
+    # nbgrader runs the `alembic` command for its database: find it beside this
+    # Python even when the virtual environment is not activated.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     with tempfile.TemporaryDirectory(prefix="course-nbgrader-") as scratch:
         config = nbgrader_config(course, root, db_url=f"sqlite:///{scratch}/gradebook.db")
         for lab in labs:
@@ -62,5 +74,9 @@ def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
                 coursedir = CourseDirectory(config=config)
                 coursedir.assignment_id = lab.id
                 app = converter(coursedir=coursedir, config=config)
-                app.log.setLevel(logging.WARNING)
-                app.start()
+                app.log.setLevel(logging.ERROR)
+                try:
+                    app.start()
+                except NbGraderException:
+                    raise ReleaseError(f"nbgrader could not process source/{lab.id}/{lab.notebook} "
+                                       f"({converter.__name__}); its log above says why") from None

@@ -1,0 +1,132 @@
+"""The engine end to end on the toy lab: a submission runs in its own kernel, each
+test case is scored, hangs and crashes cost only the tests that hit them, and a
+batch resumes without regrading what it already did."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from coursekit.batch import discover, grade_batch
+from coursekit.results import RESULTS_FILE
+
+from .conftest import TOY_CELLS, toy_notebook
+
+
+@pytest.fixture(scope="module")
+def graded_toy(toy_course, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    nb_path = folder / "alice.ipynb"
+    import nbformat
+
+    nbformat.write(toy_notebook(), nb_path)
+    out = folder / "out"
+    rows = grade_batch(toy_course, discover(toy_course, [nb_path], None), out, progress=False)
+    results = json.loads((out / "alice" / RESULTS_FILE).read_text())
+    return rows, results, out
+
+
+def _test(results, name):
+    return next(t for t in results["tests"] if t["name"] == name)
+
+
+def test_results_follow_gradescope_schema(graded_toy, toy_course):
+    _, results, _ = graded_toy
+    assert set(results) >= {"score", "execution_time", "tests", "output"}
+    for test in results["tests"]:
+        assert set(test) >= {"name", "score", "max_score", "status", "output", "visibility"}
+        assert test["status"] in ("passed", "failed")
+    assert [t["name"] for t in results["tests"]] == list(toy_course.lab("toy").tests)
+    assert _test(results, "test_hostile_return")["visibility"] == "hidden"
+
+
+def test_correct_functions_score_and_broken_ones_do_not(graded_toy):
+    _, results, _ = graded_toy
+    assert _test(results, "test_double")["score"] == 3
+    assert _test(results, "test_double_rejects_strings")["score"] == 1
+    assert _test(results, "test_module_forward_and_grads")["score"] == 2, _test(results, "test_module_forward_and_grads")
+    assert results["score"] == 6
+
+
+def test_a_hang_fails_only_its_test(graded_toy):
+    _, results, _ = graded_toy
+    slow = _test(results, "test_slow_function")
+    assert slow["score"] == 0 and "time limit" in slow["output"]
+
+
+def test_a_crash_fails_its_test_and_the_process_is_restarted(graded_toy):
+    _, results, _ = graded_toy
+    crash = _test(results, "test_after_crash")
+    assert crash["score"] == 0 and "ended the notebook's process" in crash["output"]
+    # The tests after the crash ran on a restarted kernel and passed.
+    assert _test(results, "test_module_forward_and_grads")["status"] == "passed"
+    assert "restarted" in results["output"]
+
+
+def test_missing_name_is_explained(graded_toy):
+    _, results, _ = graded_toy
+    output = _test(results, "test_missing_function")["output"]
+    assert "does not define `not_defined_anywhere`" in output
+    assert "cell #6" in output  # the broken cell is pointed at
+
+
+def test_broken_cell_is_recorded_and_training_cells_are_skipped(graded_toy):
+    _, results, _ = graded_toy
+    assert "cell #6" in results["output"] and "this cell is broken" in results["output"]
+    # The training cell sleeps 600 s: had it run, the 120 s submission limit would have stopped grading.
+    assert results["execution_time"] < 120
+    assert results["extra_data"]["problem"] == ""
+
+
+def test_an_object_that_claims_equality_does_not_pass(graded_toy):
+    _, results, _ = graded_toy
+    hostile = _test(results, "test_hostile_return")
+    assert hostile["score"] == 0 and "expected a torch.Tensor" in hostile["output"]
+
+
+def test_feedback_never_shows_test_source(graded_toy):
+    _, results, _ = graded_toy
+    text = json.dumps(results)
+    for line in ("assert_close(result.grads[0]", "lab_settings[\"scale\"]", "oracle = torch.nn.Linear"):
+        assert line not in text
+
+
+def test_gradebook_and_resume(graded_toy, toy_course):
+    rows, _, out = graded_toy
+    with open(out / "grades.csv", newline="") as handle:
+        book = list(csv.DictReader(handle))
+    assert len(book) == 1
+    row = book[0]
+    assert (row["student"], row["lab"], float(row["score"]), float(row["max_score"]), row["problem"]) == \
+        ("alice", "toy", 6.0, 10.0, "")
+    # A rerun over the same folder regrades nothing: results.json is left as it was.
+    results_path = out / "alice" / RESULTS_FILE
+    before = results_path.stat().st_mtime_ns
+    sub = discover(toy_course, [out.parent / "alice.ipynb"], None)
+    again = grade_batch(toy_course, sub, out, progress=False)
+    assert results_path.stat().st_mtime_ns == before
+    assert again[0]["score"] == rows[0]["score"]
+
+
+def test_changed_submission_is_regraded(toy_course, tmp_path, write_notebook):
+    cells = [TOY_CELLS[0], ("def double(x):\n    return [x]", None)]
+    path = write_notebook(toy_notebook(cells), "bob.ipynb")
+    out = tmp_path / "out"
+    first = grade_batch(toy_course, discover(toy_course, [path], None), out, progress=False)
+    assert first[0]["score"] == 0
+    write_notebook(toy_notebook([TOY_CELLS[0], TOY_CELLS[1]]), "bob.ipynb")
+    second = grade_batch(toy_course, discover(toy_course, [path], None), out, progress=False)
+    assert second[0]["score"] == 4  # test_double and test_double_rejects_strings
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"this is not json", "not valid JSON"),
+    (b'{"hello": "world"}', "not a Jupyter notebook"),
+    (b"\xff\xfe\x00garbage", "not UTF-8"),
+])
+def test_unreadable_submissions_get_a_message_and_zero(toy_course, tmp_path, content, expected):
+    path = tmp_path / "broken.ipynb"
+    path.write_bytes(content)
+    rows = grade_batch(toy_course, discover(toy_course, [path], "toy"), tmp_path / "out", progress=False)
+    assert rows[0]["score"] == 0 and expected in rows[0]["problem"]
