@@ -24,7 +24,7 @@ import coursekit
 from coursekit.config import Course, Lab
 from coursekit.notebook import SubmissionError, notebook_lab, read_notebook
 from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, failed_results, read_results,
-                               write_gradebook, write_results)
+                               save_submission, write_gradebook)
 
 # Past the submission's own limit, the worker gets this long to write its results
 # before it is killed.
@@ -148,7 +148,7 @@ def _grade_one(course: Course, sub: Submission, key: str, out: Path) -> dict:
         results = failed_results(sub.lab, f"Grading failed: {problem or 'no results were written'}. "
                                  f"The instructor can see {folder / 'grader.log'}.",
                                  time.monotonic() - started, extra)
-        write_results(results_path, results)
+        save_submission(folder, sub.lab, results)
     return results
 
 

@@ -1,6 +1,7 @@
 """course.yaml: loaded once, validated on load, every error naming the key."""
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ import yaml
 
 DEVICE_POLICIES = ("cpu", "cuda", "auto")
 VISIBILITIES = ("visible", "hidden", "after_due_date", "after_published")
-LIMIT_KEYS = ("test_seconds", "submission_seconds", "memory_mb")
+LIMIT_KEYS = ("test_seconds", "submission_seconds", "memory_mb", "processes")
 
 
 class ConfigError(ValueError):
@@ -22,6 +23,7 @@ class Limits:
     test_seconds: float
     submission_seconds: float
     memory_mb: int
+    processes: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Lab:
     tests: dict[str, TestSpec]
     settings: dict[str, Any]
     root: Path
+    due: dt.datetime | None = None
 
     @property
     def max_score(self) -> float:
@@ -173,7 +176,7 @@ class _Validator:
 
     def lab(self, data: Any, key: str, limits: Limits, visibility: str, root: Path) -> Lab:
         data = self.mapping(data, key)
-        self.unknown(data, key, ("id", "title", "notebook", "limits", "tests", "settings", "visibility"))
+        self.unknown(data, key, ("id", "title", "notebook", "limits", "tests", "settings", "visibility", "due"))
         lab_id = self.text(data.get("id"), f"{key}.id")
         if "/" in lab_id or lab_id.startswith("."):
             self.fail(f"{key}.id", "a folder name", lab_id)
@@ -188,7 +191,18 @@ class _Validator:
             id=lab_id, title=self.text(data.get("title"), f"{key}.title"), notebook=notebook,
             limits=self.limits(data.get("limits"), f"{key}.limits", limits),
             tests=tests, settings=self.mapping(data.get("settings", {}), f"{key}.settings"), root=root,
+            due=self.when(data.get("due"), f"{key}.due"),
         )
+
+    def when(self, value: Any, key: str) -> dt.datetime | None:
+        """A due date: YAML timestamps, read as UTC when they name no zone."""
+        if value is None:
+            return None
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            value = dt.datetime.combine(value, dt.time(23, 59, 59))
+        if not isinstance(value, dt.datetime):
+            self.fail(key, "a date and time such as 2026-12-01T23:59:00Z", value)
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
     def test(self, spec: Any, key: str, visibility: str) -> TestSpec:
         if not isinstance(spec, dict):

@@ -16,6 +16,7 @@ from queue import Empty
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec
 
+from coursekit.isolation import StudentUser
 from coursekit.runtime import REPLY_MIME
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -50,12 +51,15 @@ def strip_ansi(text: str) -> str:
 class StudentKernel:
     """One kernel for one submission. ``env`` and ``cwd`` are the student's."""
 
-    def __init__(self, cwd: str, env: dict[str, str], startup_timeout: float = 120.0,
-                 launch_options: dict | None = None):
+    def __init__(self, cwd: str, env: dict[str, str], memory_bytes: int | None = None,
+                 max_processes: int | None = None, user: StudentUser | None = None,
+                 startup_timeout: float = 120.0):
         self.cwd = cwd
         self.env = env
+        self.memory_bytes = memory_bytes
+        self.max_processes = max_processes
+        self.user = user
         self.startup_timeout = startup_timeout
-        self.launch_options = launch_options or {}
         self.km: KernelManager | None = None
         self.kc = None
 
@@ -63,12 +67,14 @@ class StudentKernel:
 
     def start(self) -> None:
         # Unix sockets in the student's folder rather than TCP ports any local process could reach.
-        km = KernelManager(transport="ipc", ip=os.path.join(self.cwd, ".kernel"))
+        km = KernelManager(transport="ipc", ip=os.path.join(self.cwd, ".kernel"),
+                           connection_file=os.path.join(self.cwd, ".kernel.json"))
         km._kernel_spec = KernelSpec(
             argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             display_name="student", language="python",
         )
-        km.start_kernel(cwd=self.cwd, env=self.env, **self.launch_options)
+        self._connection_file = km.connection_file
+        km.start_kernel(cwd=self.cwd, env=self.env, preexec_fn=self._prepare_child)
         kc = km.client()
         kc.start_channels()
         try:
@@ -77,6 +83,23 @@ class StudentKernel:
             km.shutdown_kernel(now=True)
             raise KernelDied(f"the student's kernel did not start: {exc}") from None
         self.km, self.kc = km, kc
+
+    def _prepare_child(self) -> None:
+        """Runs in the kernel's process before it execs. An address-space cap is
+        how a bare machine bounds memory; CUDA reserves far more address space than
+        it uses, so on a GPU the container's memory limit does this job instead.
+        The process count is per user, so it only binds once the user is dropped."""
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if self.memory_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (self.memory_bytes, self.memory_bytes))
+        if self.user is not None:
+            if self.max_processes:
+                resource.setrlimit(resource.RLIMIT_NPROC, (self.max_processes, self.max_processes))
+            # jupyter_client wrote the connection file as the grader, readable by it alone.
+            os.chown(self._connection_file, self.user.uid, self.user.gid)
+            self.user.become()
 
     def shutdown(self) -> None:
         if self.kc is not None:

@@ -15,6 +15,7 @@ from coursekit.plugin import CaseOutcome
 from coursekit.session import SessionLog
 
 RESULTS_FILE = "results.json"
+FEEDBACK_FILE = "feedback.html"
 GRADEBOOK_FILE = "grades.csv"
 
 
@@ -32,8 +33,12 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_results(path: Path, results: dict) -> None:
-    write_atomic(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+def save_submission(folder: Path, lab: Lab, results: dict) -> None:
+    """results.json, then the student's feedback.html made from it."""
+    from coursekit.feedback import render
+
+    write_atomic(folder / FEEDBACK_FILE, render(results, f"{lab.title}: your results", lab.due))
+    write_atomic(folder / RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_results(path: Path) -> dict | None:

@@ -54,11 +54,11 @@ class SessionLog:
 
 class GradingSession:
     def __init__(self, cells: list[Cell], workdir: Path, env: dict[str, str], submission_seconds: float,
-                 launch_options: dict | None = None):
+                 kernel_options: dict | None = None):
         self.cells = cells
         self.workdir = workdir
         self.env = env
-        self.launch_options = launch_options
+        self.kernel_options = kernel_options or {}  # limits and user, for StudentKernel
         self.started = time.monotonic()
         self.submission_deadline = self.started + submission_seconds
         self.test_deadline: float | None = None
@@ -101,7 +101,7 @@ class GradingSession:
 
     def _start(self) -> None:
         self.generation += 1
-        kernel = StudentKernel(str(self.workdir), self.env, launch_options=self.launch_options)
+        kernel = StudentKernel(str(self.workdir), self.env, **self.kernel_options)
         try:
             kernel.start()
             kernel.execute(_RUNTIME_BOOT, timeout=120)
@@ -182,16 +182,18 @@ class GradingSession:
         return re.sub(r"In\s*\[(\d+)\]", cell_for, traceback_text)
 
 
-def student_environment(data_dir: Path) -> dict[str, str]:
+def student_environment(data_dir: Path, workdir: Path) -> dict[str, str]:
     """The student's process gets a minimal environment: nothing of the grader's
-    beyond what Python and the libraries need to start."""
-    keep = ("PATH", "LANG", "LC_ALL", "HOME", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+    beyond what Python and the libraries need to start, and a home of its own."""
+    keep = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
             "LD_LIBRARY_PATH", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "OMP_NUM_THREADS")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update({
         "PYTHONUNBUFFERED": "1",
         "MPLBACKEND": "Agg",
         "COURSE_DATA_DIR": str(data_dir),
+        "HOME": str(workdir),
+        "MPLCONFIGDIR": str(workdir / ".matplotlib"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -20,7 +20,8 @@ import pytest
 from coursekit.config import Course, Lab, load_course
 from coursekit.notebook import SubmissionError, graded_cells, read_notebook
 from coursekit.plugin import GradingPlugin
-from coursekit.results import RESULTS_FILE, build_results, failed_results, write_results
+from coursekit.results import build_results, failed_results, save_submission
+from coursekit.isolation import protect, student_isolation
 from coursekit.session import GradingSession, make_workdir, student_environment
 
 
@@ -31,9 +32,20 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict) -> dict:
     except SubmissionError as exc:
         return failed_results(lab, str(exc), time.monotonic() - started, extra)
     workdir = make_workdir()
-    session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data"),
-                             lab.limits.submission_seconds)
-    plugin = GradingPlugin(lab, session, course.resolved_device())
+    device = course.resolved_device()
+    isolation = student_isolation()
+    if isolation.user is not None:
+        isolation.user.give(workdir)
+        protect(course.root / "autograder")
+    extra = {**extra, "student_user": isolation.description}
+    kernel_options = {
+        "memory_bytes": int(lab.limits.memory_mb * 2**20) if device == "cpu" else None,
+        "max_processes": lab.limits.processes,
+        "user": isolation.user,
+    }
+    session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data", workdir),
+                             lab.limits.submission_seconds, kernel_options)
+    plugin = GradingPlugin(lab, session, device)
     ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
     ini.write_text("[pytest]\n")
     try:
@@ -59,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     course = load_course(args.course)
     lab = course.lab(args.lab)
     results = grade(course, lab, Path(args.notebook), json.loads(args.extra))
-    write_results(Path(args.out) / RESULTS_FILE, results)
+    save_submission(Path(args.out), lab, results)
     return 0
 
 

@@ -24,6 +24,7 @@ TOY_CELLS = [
     ("import time\ntime.sleep(600)", ["training"]),
     ("class AlwaysEqual:\n    def __eq__(self, other):\n        return True\n\n"
      "def always_equal():\n    return AlwaysEqual()", None),
+    ("def hog():\n    return bytearray(16 * 2**30)", None),
 ]
 
 

@@ -29,7 +29,8 @@ def _write(tmp_path, data) -> Path:
 
 def _valid():
     return {"course_id": "c", "title": "C", "image": {"base": "img"}, "device": "cpu",
-            "defaults": {"limits": {"test_seconds": 10, "submission_seconds": 100, "memory_mb": 1000}},
+            "defaults": {"limits": {"test_seconds": 10, "submission_seconds": 100, "memory_mb": 1000,
+                                    "processes": 64}},
             "labs": [{"id": "l1", "title": "L", "notebook": "l.ipynb", "tests": {"test_a": 2,
                       "test_b": {"points": 3, "visibility": "hidden", "timeout": 30}}}]}
 

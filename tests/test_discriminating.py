@@ -1,5 +1,5 @@
 """Each lab's hidden suite tells right from plausibly wrong: its reference keeps
-full marks and every mutant in tests/mutants/<lab>.py loses points, on the tests
+full marks, its release stub scores 0 without breaking the grader, and every mutant in tests/mutants/<lab>.py loses points, on the tests
 the mutant names. Every notebook goes through the real engine (worker process,
 kernel, proxy), all of one lab's in one batch."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ from coursekit.results import RESULTS_FILE, read_results
 
 COURSE = load_course(Path(__file__).resolve().parent.parent / "course.yaml")
 REFERENCE = "reference"
+STUB = "release-stub"
 
 
 def _mutants(lab_id: str) -> list:
@@ -26,7 +27,7 @@ def _mutants(lab_id: str) -> list:
 
 
 CASES = [(lab_id, mutant) for lab_id in COURSE.labs for mutant in _mutants(lab_id)]
-LABS_WITH_MUTANTS = sorted({lab_id for lab_id, _ in CASES})
+LABS = list(COURSE.labs)
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +40,8 @@ def graded(tmp_path_factory):
             lab = COURSE.lab(lab_id)
             folder = tmp_path_factory.mktemp(f"mutants-{lab_id}")
             source = nbformat.read(lab.notebook_in("source"), as_version=4)
-            subs = [Submission(REFERENCE, lab.notebook_in("source"), lab)]
+            subs = [Submission(REFERENCE, lab.notebook_in("source"), lab),
+                    Submission(STUB, lab.notebook_in("release"), lab)]
             for mutant in _mutants(lab_id):
                 path = folder / f"{mutant.name}.ipynb"
                 nbformat.write(mutant.apply(source), path)
@@ -52,7 +54,20 @@ def graded(tmp_path_factory):
     return grade
 
 
-@pytest.mark.parametrize("lab_id", LABS_WITH_MUTANTS)
+@pytest.mark.parametrize("lab_id", LABS)
+def test_release_stub_scores_zero(graded, lab_id):
+    results = graded(lab_id)[STUB]
+    assert results["extra_data"]["problem"] == "", results["extra_data"]["problem"]
+    assert results["score"] == 0, {t["name"]: t["score"] for t in results["tests"] if t["score"]}
+    assert len(results["tests"]) == len(COURSE.lab(lab_id).tests)
+
+
+@pytest.mark.parametrize("lab_id", LABS)
+def test_mutants_are_defined(lab_id):
+    assert len(_mutants(lab_id)) >= 5, f"tests/mutants/{lab_id}.py should hold the issue's wrong implementations"
+
+
+@pytest.mark.parametrize("lab_id", LABS)
 def test_reference_keeps_full_marks(graded, lab_id):
     results = graded(lab_id)[REFERENCE]
     failing = {t["name"]: t["output"] for t in results["tests"] if t["score"] != t["max_score"]}

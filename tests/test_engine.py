@@ -79,6 +79,12 @@ def test_broken_cell_is_recorded_and_training_cells_are_skipped(graded_toy):
     assert results["extra_data"]["problem"] == ""
 
 
+def test_memory_is_capped(graded_toy):
+    _, results, _ = graded_toy
+    hog = _test(results, "test_memory_hog")
+    assert hog["score"] == 0 and "MemoryError" in hog["output"]
+
+
 def test_an_object_that_claims_equality_does_not_pass(graded_toy):
     _, results, _ = graded_toy
     hostile = _test(results, "test_hostile_return")
@@ -99,7 +105,7 @@ def test_gradebook_and_resume(graded_toy, toy_course):
     assert len(book) == 1
     row = book[0]
     assert (row["student"], row["lab"], float(row["score"]), float(row["max_score"]), row["problem"]) == \
-        ("alice", "toy", 6.0, 10.0, "")
+        ("alice", "toy", 6.0, 11.0, "")
     # A rerun over the same folder regrades nothing: results.json is left as it was.
     results_path = out / "alice" / RESULTS_FILE
     before = results_path.stat().st_mtime_ns
@@ -130,3 +136,12 @@ def test_unreadable_submissions_get_a_message_and_zero(toy_course, tmp_path, con
     path.write_bytes(content)
     rows = grade_batch(toy_course, discover(toy_course, [path], "toy"), tmp_path / "out", progress=False)
     assert rows[0]["score"] == 0 and expected in rows[0]["problem"]
+
+
+def test_feedback_page_shows_what_a_student_may_see(graded_toy):
+    _, results, out = graded_toy
+    page = (out / "alice" / "feedback.html").read_text()
+    assert page.startswith("<!doctype html>") and "test_double" in page and "this cell is broken" in page
+    assert "test_hostile_return" not in page  # hidden in course.yaml
+    assert "1 more test(s) will be shown later" in page
+    assert "oracle" not in page and "lab_settings" not in page

@@ -1,0 +1,52 @@
+"""The course as committed: course.yaml matches the suites, release/ and solutions/
+are what nbgrader makes of source/ today, and release/ leaks nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coursekit.check import check_leaks, check_points, check_up_to_date
+from coursekit.config import load_course
+
+COURSE = load_course(Path(__file__).resolve().parent.parent / "course.yaml")
+LABS = list(COURSE.labs)
+
+
+@pytest.mark.parametrize("lab_id", LABS)
+def test_points_match_the_suite(lab_id):
+    assert check_points(COURSE.lab(lab_id)) == []
+
+
+@pytest.mark.parametrize("lab_id", LABS)
+def test_release_and_solutions_are_up_to_date(lab_id):
+    assert check_up_to_date(COURSE, COURSE.lab(lab_id)) == []
+
+
+@pytest.mark.parametrize("lab_id", LABS)
+def test_release_leaks_no_solution_and_no_hidden_test(lab_id):
+    assert check_leaks(COURSE, COURSE.lab(lab_id)) == []
+    assert COURSE.lab(lab_id).notebook_in("release").exists()
+
+
+def test_the_leak_check_catches_a_leak(tmp_path, monkeypatch):
+    """Plant a solution line in a copy of a released notebook: the check must see it."""
+    import shutil
+
+    import nbformat
+
+    from coursekit.check import solution_lines
+
+    lab = COURSE.lab(LABS[0])
+    inside, outside = solution_lines(nbformat.read(lab.notebook_in("source"), as_version=4))
+    leaked = max(inside - outside, key=len)
+    root = tmp_path / "course"
+    for folder in ("source", "release", "autograder"):
+        shutil.copytree(COURSE.root / folder / lab.id, root / folder / lab.id)
+    nb = nbformat.read(root / "release" / lab.id / lab.notebook, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(leaked))
+    nbformat.write(nb, root / "release" / lab.id / lab.notebook)
+    copy = type(lab)(**{**lab.__dict__, "root": root})
+    course = type(COURSE)(**{**COURSE.__dict__, "root": root, "labs": {lab.id: copy}})
+    problems = check_leaks(course, copy)
+    assert any("solution code appears" in p for p in problems), problems

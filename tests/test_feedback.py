@@ -1,0 +1,31 @@
+"""The student's feedback page follows each test's visibility."""
+import datetime as dt
+
+from coursekit.feedback import render
+
+NOW = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
+
+
+def _results(visibility):
+    return {"score": 1, "execution_time": 1.0, "output": "",
+            "tests": [{"name": "test_one", "score": 1, "max_score": 1, "status": "passed", "output": "",
+                       "visibility": "visible"},
+                      {"name": "test_two", "score": 0, "max_score": 2, "status": "failed",
+                       "output": "<script>alert(1)</script>", "visibility": visibility}]}
+
+
+def test_after_due_date_waits_for_the_due_date():
+    before = render(_results("after_due_date"), "Lab", due=NOW + dt.timedelta(days=1), now=NOW)
+    after = render(_results("after_due_date"), "Lab", due=NOW - dt.timedelta(days=1), now=NOW)
+    assert "test_two" not in before and "1 / 1" in before
+    assert "test_two" in after and "1 / 3" in after
+
+
+def test_student_text_is_escaped():
+    page = render(_results("visible"), "Lab", now=NOW)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_hidden_tests_are_never_shown():
+    page = render(_results("hidden"), "Lab", due=NOW - dt.timedelta(days=1), now=NOW)
+    assert "test_two" not in page
