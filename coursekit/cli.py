@@ -30,10 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("labs", nargs="*", help="lab ids (default: all)")
     check.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
 
+    gradescope = commands.add_parser("gradescope", help="build a Gradescope autograder zip for one lab")
+    gradescope.add_argument("lab")
+    gradescope.add_argument("--out", type=Path, help="zip path (default: gradescope-<lab>.zip)")
+
     args = parser.parse_args(argv)
     try:
         course = load_course(args.course)
-        return {"grade": _grade, "release": _release, "check": _check}[args.command](course, args)
+        commands = {"grade": _grade, "release": _release, "check": _check, "gradescope": _gradescope}
+        return commands[args.command](course, args)
     except (ConfigError, FileNotFoundError, ReleaseError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +79,15 @@ def _check(course, args) -> int:
         print(f"FAIL {problem}")
     print("course check: all good" if not problems else f"course check: {len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def _gradescope(course, args) -> int:
+    from coursekit.gradescope import build_zip
+
+    lab = course.lab(args.lab)
+    path = build_zip(course, lab, args.out or Path(f"gradescope-{lab.id}.zip"))
+    print(f"{path}: upload it as the autograder of {lab.title} (Gradescope: Configure Autograder > Zip file)")
+    return 0
 
 
 if __name__ == "__main__":

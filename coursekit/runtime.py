@@ -19,6 +19,9 @@ import torch
 
 from coursekit import wire
 
+# Bound at import, before any student cell runs (see wire.py).
+from builtins import BaseException, callable, getattr, id, isinstance, len, list, next, setattr, str, type  # noqa: A004
+
 REPLY_MIME = "text/x-coursekit-reply"
 _INTERNAL_FILES = (__file__, wire.__file__)
 
@@ -67,9 +70,9 @@ class Runtime:
         except BaseException as exc:  # noqa: BLE001 - every failure is reported, SystemExit included
             reply = {"error": self.describe(exc)}
         try:
-            text = wire.json.dumps(reply, allow_nan=False, separators=(",", ":"))
+            text = wire._json_dumps(reply, allow_nan=False, separators=(",", ":"))
         except BaseException as exc:  # noqa: BLE001
-            text = wire.json.dumps({"error": self.describe(exc)})
+            text = wire._json_dumps({"error": self.describe(exc)})
         publish_display_data({REPLY_MIME: text})
 
     def _run(self, request: dict) -> tuple[Any, bool]:
@@ -166,7 +169,32 @@ def _import_path(path: str) -> Any:
     raise ImportError(f"cannot import {path!r} in the student process")
 
 
-def install(shell) -> Runtime:
+class CappedStream:
+    """Wraps the kernel's stdout/stderr so that a notebook printing gigabytes sends
+    the grader a bounded amount: past the cap, output is dropped with one notice."""
+
+    def __init__(self, stream, cap: int):
+        self._stream = stream
+        self._left = cap
+
+    def write(self, text: str) -> int:
+        if self._left > 0:
+            piece = text[: self._left]
+            self._left -= len(piece)
+            self._stream.write(piece)
+            if self._left <= 0:
+                self._stream.write("\n[output truncated by the grader]\n")
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def install(shell, output_cap: int = 1 << 20) -> Runtime:
+    import sys
+
     runtime = Runtime(shell)
     globals()["current"] = runtime
+    sys.stdout = CappedStream(sys.stdout, output_cap)
+    sys.stderr = CappedStream(sys.stderr, output_cap)
     return runtime

@@ -21,6 +21,11 @@ from typing import Any
 
 import torch
 
+# Bound at import, before any student cell runs: a notebook that monkeypatches these
+# builtins (or json's functions) cannot change how its own values are encoded.
+from builtins import bool, bytes, dict, float, int, isinstance, len, list, str, tuple, type  # noqa: A004
+from json import dumps as _json_dumps, loads as _json_loads
+
 TAG = "$t"
 MAX_DEPTH = 64
 MAX_ITEMS = 1_000_000
@@ -42,7 +47,7 @@ class WireError(ValueError):
 
 
 def dumps(value: Any, on_unencodable: Callable[[Any], dict] | None = None) -> str:
-    return json.dumps(encode(value, on_unencodable), allow_nan=False, separators=(",", ":"))
+    return _json_dumps(encode(value, on_unencodable), allow_nan=False, separators=(",", ":"))
 
 
 def loads(text: str | bytes, on_handle: Callable[[dict], Any] | None = None, grad: bool = False) -> Any:
@@ -54,7 +59,7 @@ def parse(text: str | bytes) -> Any:
     if len(text) > MAX_PAYLOAD_BYTES:
         raise WireError(f"payload of {len(text)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit")
     try:
-        raw = json.loads(text)
+        raw = _json_loads(text)
     except (ValueError, RecursionError) as exc:
         raise WireError(f"payload is not well-formed JSON: {exc}") from None
     return raw

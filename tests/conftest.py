@@ -25,6 +25,11 @@ TOY_CELLS = [
     ("class AlwaysEqual:\n    def __eq__(self, other):\n        return True\n\n"
      "def always_equal():\n    return AlwaysEqual()", None),
     ("def hog():\n    return bytearray(16 * 2**30)", None),
+    # Hostile, but harmless to the grade: every comparison happens in the grader.
+    ("import builtins, numpy\nbuiltins.abs = lambda x: 0\n"
+     "torch.allclose = lambda *a, **k: True\ntorch.equal = lambda *a, **k: True\n"
+     "torch.testing.assert_close = lambda *a, **k: None\nnumpy.allclose = lambda *a, **k: True", None),
+    ("print('x' * 50_000_000)", None),
 ]
 
 

@@ -1,0 +1,43 @@
+"""The student's process seen from the grader, without pytest in between."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from coursekit.notebook import Cell
+from coursekit.proxy import Student
+from coursekit.session import GradingSession, make_workdir, student_environment
+
+
+@pytest.fixture
+def session():
+    workdir = make_workdir()
+    s = GradingSession([Cell(1, "import torch")], workdir, student_environment(Path("data"), workdir), 300)
+    s.ensure_running()
+    yield s
+    s.close()
+
+
+def test_printing_gigabytes_reaches_the_grader_as_a_megabyte(session):
+    result = session.kernel.execute("print('x' * 50_000_000)", timeout=120)
+    received = len(result.output) + result.output_dropped
+    assert received < 2 * 2**20, f"the grader received {received} characters of output"
+
+
+def test_the_student_process_has_its_own_environment(session):
+    student = Student(session)
+    env = student.lib("os.environ.copy")()
+    assert env["HOME"] == str(session.workdir) and "COURSE_DATA_DIR" in env
+    assert not any(k.startswith(("PYTEST", "COURSE_YAML")) for k in env)
+
+
+def test_handles_keep_identity_and_die_with_a_restart(session):
+    student = Student(session)
+    linear = student.lib("torch.nn.Linear")(2, 2)
+    assert linear.weight.shape == (2, 2) and linear.eval()._id == linear._id
+    session.kernel.shutdown()  # as if the student's code had killed its process
+    with pytest.raises(AssertionError, match="lost when your notebook's process restarted"):
+        linear(torch.ones(2))
+    assert student.lib("math.sqrt")(4.0) == 2.0  # the restarted process answers
