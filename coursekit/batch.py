@@ -37,6 +37,7 @@ class Submission:
     notebook: Path
     lab: Lab | None
     problem: str = ""   # why the lab could not be determined
+    in_nbgrader_tree: bool = False
 
 
 def discover(course: Course, paths: list[Path], lab_id: str | None) -> list[Submission]:
@@ -59,7 +60,7 @@ def discover(course: Course, paths: list[Path], lab_id: str | None) -> list[Subm
         problem = "" if lab else (
             f"cannot tell which lab {notebook} is for (no course metadata, no lab folder, "
             f"and its name matches no lab's notebook); pass --lab")
-        submissions.append(Submission(name, notebook, lab, problem))
+        submissions.append(Submission(name, notebook, lab, problem, in_nbgrader_tree=tree_lab is not None))
     return submissions
 
 
@@ -97,7 +98,7 @@ def submission_key(lab: Lab, notebook: Path) -> str:
 
 
 def grade_batch(course: Course, submissions: list[Submission], out: Path, workers: int = 1,
-                force: bool = False, progress: bool = True) -> list[dict]:
+                force: bool = False, progress: bool = True, gradebook: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     todo: list[tuple[Submission, str]] = []
@@ -123,7 +124,21 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     bar.close()
     ordered = [rows[s.name] for s in submissions]
     write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
+    if gradebook:
+        _record_in_nbgrader(course, [s for s in submissions if s.in_nbgrader_tree and s.lab], out)
     return ordered
+
+
+def _record_in_nbgrader(course: Course, submissions: list[Submission], out: Path) -> None:
+    from coursekit.gradebook import open_gradebook, record, register_lab
+
+    with open_gradebook(course) as book:
+        for lab in {s.lab.id: s.lab for s in submissions}.values():
+            register_lab(course, lab, book)
+        for sub in submissions:
+            results = read_results(out / sub.name / RESULTS_FILE)
+            if results is not None:
+                record(course, sub.lab, book, sub.name, sub.notebook, results)
 
 
 def _grade_one(course: Course, sub: Submission, key: str, out: Path) -> dict:

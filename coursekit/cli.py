@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                        help="submissions graded at once (default: %(default)s)")
     grade.add_argument("--force", action="store_true", help="regrade submissions already graded unchanged")
+    grade.add_argument("--gradebook", action="store_true",
+                       help="also record the scores of an nbgrader submitted/ tree in nbgrader's gradebook.db")
 
     release = commands.add_parser("release", help="regenerate release/ and solutions/ from source/")
     release.add_argument("labs", nargs="*", help="lab ids (default: all)")
@@ -55,7 +57,8 @@ def _grade(course, args) -> int:
     if not submissions:
         print("course: no notebooks (*.ipynb) found in " + ", ".join(map(str, args.submissions)), file=sys.stderr)
         return 2
-    rows = grade_batch(course, submissions, args.out, workers=args.workers, force=args.force)
+    rows = grade_batch(course, submissions, args.out, workers=args.workers, force=args.force,
+                       gradebook=args.gradebook)
     print(format_table(rows))
     print(f"\nResults: {args.out}/<student>/results.json; gradebook: {args.out}/grades.csv")
     return 0

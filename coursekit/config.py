@@ -198,6 +198,11 @@ class _Validator:
         """A due date: YAML timestamps, read as UTC when they name no zone."""
         if value is None:
             return None
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                self.fail(key, "a date and time such as 2026-12-01T23:59:00Z", value)
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
             value = dt.datetime.combine(value, dt.time(23, 59, 59))
         if not isinstance(value, dt.datetime):

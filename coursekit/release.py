@@ -27,6 +27,14 @@ class ReleaseError(RuntimeError):
     pass
 
 
+def put_nbgrader_tools_on_path() -> None:
+    """nbgrader runs the `alembic` command for its database: find it beside this
+    Python even when the virtual environment is not activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def nbgrader_config(course: Course, root: Path, db_url: str | None = None) -> Config:
     """The settings nbgrader needs, for `course release` and for nbgrader_config.py alike."""
     from nbgrader.preprocessors import ClearMarkScheme, ClearOutput, IncludeHeaderFooter, LockCells
@@ -57,11 +65,7 @@ def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
     from nbgrader.coursedir import CourseDirectory
 
     root = root or course.root
-    # nbgrader runs the `alembic` command for its database: find it beside this
-    # Python even when the virtual environment is not activated.
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    put_nbgrader_tools_on_path()
     with tempfile.TemporaryDirectory(prefix="course-nbgrader-") as scratch:
         config = nbgrader_config(course, root, db_url=f"sqlite:///{scratch}/gradebook.db")
         for lab in labs:
