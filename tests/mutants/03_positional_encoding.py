@@ -1,0 +1,117 @@
+"""Plausible wrong implementations of lab 03 (positional encodings)."""
+from tests.mutation import Mutant
+
+MUTANTS = [
+    Mutant(
+        "sin_cos_concatenated",
+        "all the sines then all the cosines (GPT-J's create_sinusoidal_positions layout), not interleaved",
+        [("    pe[:, 0::2] = torch.sin(angles)   # even columns\n"
+          "    pe[:, 1::2] = torch.cos(angles)   # odd columns: interleaved with the sines\n",
+          "    pe = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)\n")],
+        ["test_sinusoidal_table", "test_sinusoidal_module_adds_table", "test_sinusoidal_module_buffer_not_parameter"],
+    ),
+    Mutant(
+        "sinusoidal_exponent_i",
+        "the exponent uses i instead of 2i: omega_i = 10000^(-i/d)",
+        [("two_i = torch.arange(0, d_model, 2, dtype=torch.float64)",
+          "two_i = torch.arange(d_model // 2, dtype=torch.float64)")],
+        ["test_sinusoidal_table", "test_sinusoidal_module_adds_table"],
+    ),
+    Mutant(
+        "sinusoidal_table_is_parameter",
+        "the fixed table registered as an nn.Parameter (trained, decayed) instead of a buffer",
+        [('self.register_buffer("pe", sinusoidal_encoding(max_len, d_model), persistent=False)',
+          'self.pe = nn.Parameter(sinusoidal_encoding(max_len, d_model))')],
+        ["test_sinusoidal_module_buffer_not_parameter"],
+    ),
+    Mutant(
+        "sinusoidal_dropout_before_adding",
+        "dropout applied to x before adding the table, instead of to the sum",
+        [("return self.dropout(x + self.pe[:seq_len].to(x.dtype))",
+          "return self.dropout(x) + self.pe[:seq_len].to(x.dtype)")],
+        ["test_sinusoidal_module_dropout"],
+    ),
+    Mutant(
+        "learned_no_length_check",
+        "no check of the length: nn.Embedding raises IndexError (or a CUDA assert), not ValueError",
+        [("        if seq_len > self.max_len:\n            raise ValueError(",
+          "        if False:\n            raise ValueError(")],
+        ["test_learned_too_long_raises"],
+    ),
+    Mutant(
+        "learned_positions_start_at_1",
+        "learned positions counted from 1 (off by one): row 0 is never used",
+        [("positions = torch.arange(seq_len, device=x.device)",
+          "positions = torch.arange(1, seq_len + 1, device=x.device).clamp(max=self.max_len - 1)")],
+        ["test_learned_adds_embedding", "test_learned_gradients"],
+    ),
+    Mutant(
+        "rope_half_split_pairs_adjacent",
+        "the default (half-split) mode pairs adjacent dimensions (2i, 2i+1) but writes the halves back",
+        [("x1, x2 = x[..., :half], x[..., half:]", "x1, x2 = x[..., 0::2], x[..., 1::2]")],
+        ["test_rope_llama_half_split", "test_rope_default_is_half_split"],
+    ),
+    Mutant(
+        "rope_interleaved_flag_ignored",
+        "interleaved=True still rotates the pairs (i, i + d/2)",
+        [("    if interleaved:\n        x1, x2 = x[..., 0::2], x[..., 1::2]",
+          "    if False:\n        x1, x2 = x[..., 0::2], x[..., 1::2]"),
+         ("    if interleaved:\n        return torch.stack(",
+          "    if False:\n        return torch.stack(")],
+        ["test_rope_gptj_interleaved"],
+    ),
+    Mutant(
+        "rope_ignores_positions",
+        "rotates by arange(L) whatever the given positions are",
+        [("positions = torch.as_tensor(positions, device=x.device).to(angle_dtype)",
+          "positions = torch.arange(x.size(-2), device=x.device).to(angle_dtype)")],
+        ["test_rope_llama_half_split", "test_rope_gptj_interleaved", "test_rope_default_is_half_split",
+         "test_rope_relative_property", "test_rope_gradients"],
+    ),
+    Mutant(
+        "rope_off_by_one",
+        "positions shifted by one (counting from 1): still relative, but not the model's rotation",
+        [("positions = torch.as_tensor(positions, device=x.device).to(angle_dtype)",
+          "positions = (torch.as_tensor(positions, device=x.device) + 1).to(angle_dtype)")],
+        ["test_rope_llama_half_split", "test_rope_gptj_interleaved", "test_rope_default_is_half_split",
+         "test_rope_gradients"],
+    ),
+    Mutant(
+        "rope_frequency_i_over_d",
+        "frequencies base^(-i/d) for i = 0..d/2-1 instead of base^(-2i/d)",
+        [("theta = base ** (-torch.arange(0, d, 2, device=x.device, dtype=angle_dtype) / d)",
+          "theta = base ** (-torch.arange(0, half, device=x.device, dtype=angle_dtype) / d)")],
+        ["test_rope_llama_half_split", "test_rope_gptj_interleaved"],
+    ),
+    Mutant(
+        "rope_angles_float32_always",
+        "angles always computed in float32, even for float64 inputs",
+        [("angle_dtype = torch.promote_types(x.dtype, torch.float32)", "angle_dtype = torch.float32")],
+        ["test_rope_llama_half_split", "test_rope_gptj_interleaved"],
+    ),
+    Mutant(
+        "alibi_naive_slopes",
+        "slopes 2^(-8h/n) for every head count, also when n is not a power of two",
+        [("closest_power_of_2 = 2 ** math.floor(math.log2(num_heads))", "closest_power_of_2 = num_heads")],
+        ["test_alibi_slopes_bloom", "test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"],
+    ),
+    Mutant(
+        "alibi_extra_slopes_not_interleaved",
+        "the extra heads take the first slopes of the next power of two, not every other one",
+        [("extra = geometric(2 * closest_power_of_2)[0::2]", "extra = geometric(2 * closest_power_of_2)")],
+        ["test_alibi_slopes_bloom", "test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"],
+    ),
+    Mutant(
+        "alibi_wrong_sign",
+        "the bias rewards distance (+slope * |i - j|) instead of penalising it",
+        [("return -slopes[:, None, None] * distance", "return slopes[:, None, None] * distance")],
+        ["test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"],
+    ),
+    Mutant(
+        "alibi_top_left_aligned",
+        "query i placed at position i (top-left), ignoring k_len - q_len",
+        [("query_pos = torch.arange(q_len).unsqueeze(1) + (k_len - q_len)",
+          "query_pos = torch.arange(q_len).unsqueeze(1)")],
+        ["test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"],
+    ),
+]
