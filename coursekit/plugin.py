@@ -24,6 +24,9 @@ class CaseOutcome:
 
 
 class GradingPlugin:
+    """Registered with pytest.main together with this module, whose fixtures find
+    the plugin of the run in the config's stash."""
+
     def __init__(self, lab: Lab, session: GradingSession, device: str):
         self.lab = lab
         self.session = session
@@ -31,25 +34,8 @@ class GradingPlugin:
         self.outcomes: list[CaseOutcome] = []
         self._started: dict[str, float] = {}
 
-    # -- fixtures -------------------------------------------------------------------
-
-    @pytest.fixture(scope="session")
-    def student(self) -> Student:
-        # Start the kernel and run the notebook here, in the first test's setup, so
-        # that it counts against the submission's limit and not that test's.
-        try:
-            self.session.ensure_running()
-        except StudentCrashed:
-            pass  # each test then fails with the reason
-        return Student(self.session)
-
-    @pytest.fixture(scope="session")
-    def device(self) -> str:
-        return self.device_name
-
-    @pytest.fixture(scope="session")
-    def lab_settings(self) -> dict:
-        return dict(self.lab.settings)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        config.stash[PLUGIN_KEY] = self
 
     # -- time limits ----------------------------------------------------------------
 
@@ -84,6 +70,34 @@ class GradingPlugin:
                 message = ""
             case = item.callspec.id if hasattr(item, "callspec") else ""
             self.outcomes.append(CaseOutcome(_function_name(item), case, report.passed, message, seconds))
+
+
+PLUGIN_KEY = pytest.StashKey[GradingPlugin]()
+
+
+@pytest.fixture(scope="session")
+def student(request: pytest.FixtureRequest) -> Student:
+    """The proxy to the submission's names. The kernel starts and the notebook runs
+    here, in the first test's setup, so that this counts against the submission's
+    time limit and not that test's."""
+    session = request.config.stash[PLUGIN_KEY].session
+    try:
+        session.ensure_running()
+    except StudentCrashed:
+        pass  # each test then fails with the reason
+    return Student(session)
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    """"cpu" or "cuda", from the course's device policy."""
+    return request.config.stash[PLUGIN_KEY].device_name
+
+
+@pytest.fixture(scope="session")
+def lab_settings(request: pytest.FixtureRequest) -> dict:
+    """The lab's `settings:` mapping in course.yaml."""
+    return dict(request.config.stash[PLUGIN_KEY].lab.settings)
 
 
 def _function_name(item: pytest.Item) -> str:

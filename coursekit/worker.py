@@ -19,6 +19,7 @@ import pytest
 
 from coursekit.config import Course, Lab, load_course
 from coursekit.notebook import SubmissionError, graded_cells, read_notebook
+from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
 from coursekit.isolation import protect, student_isolation
@@ -51,7 +52,7 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict) -> dict:
     try:
         pytest.main([str(lab.suite_dir), "-c", str(ini), "--rootdir", str(lab.suite_dir), "-q",
                      "-p", "no:cacheprovider", "--assert=plain", "--import-mode=importlib"],
-                    plugins=[plugin])
+                    plugins=[plugin, plugin_module])
     finally:
         session.close()
         shutil.rmtree(workdir, ignore_errors=True)
