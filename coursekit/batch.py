@@ -114,8 +114,9 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
             todo.append((sub, key))
 
     bar = tqdm(total=len(todo), desc="grading", unit="nb", disable=not progress, file=sys.stderr)
+    env = _worker_env(max(1, workers))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(_grade_one, course, sub, key, out): sub for sub, key in todo}
+        futures = {pool.submit(_grade_one, course, sub, key, out, env): sub for sub, key in todo}
         for future in as_completed(futures):
             sub = futures[future]
             rows[sub.name] = _row(sub, future.result())
@@ -141,7 +142,7 @@ def _record_in_nbgrader(course: Course, submissions: list[Submission], out: Path
                 record(course, sub.lab, book, sub.name, sub.notebook, results)
 
 
-def _grade_one(course: Course, sub: Submission, key: str, out: Path) -> dict:
+def _grade_one(course: Course, sub: Submission, key: str, out: Path, env: dict[str, str]) -> dict:
     """Run the worker; whatever happens to it, the submission ends with results."""
     folder = out / sub.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ def _grade_one(course: Course, sub: Submission, key: str, out: Path) -> dict:
     results_path.unlink(missing_ok=True)
     with open(folder / "grader.log", "wb") as log:
         try:
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(),
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                   timeout=sub.lab.limits.submission_seconds + WORKER_GRACE_SECONDS)
             problem = "" if proc.returncode == 0 else f"the grader's worker exited with status {proc.returncode}"
         except subprocess.TimeoutExpired:
@@ -167,9 +168,12 @@ def _grade_one(course: Course, sub: Submission, key: str, out: Path) -> dict:
     return results
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(workers: int) -> dict[str, str]:
+    """Each worker and its student's kernel share the cores evenly: torch's default of
+    one thread per core, times several workers, makes everything many times slower."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     return env
 
 
