@@ -61,6 +61,14 @@ class Runtime:
 
     # -- requests -------------------------------------------------------------------
 
+    def dispatch_file(self, path: str) -> None:
+        import os
+
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        os.unlink(path)
+        self.dispatch(text)
+
     def dispatch(self, request_text: str) -> None:
         from IPython.display import publish_display_data
 

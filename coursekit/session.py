@@ -23,6 +23,10 @@ from coursekit.notebook import Cell
 MAX_RESTARTS = 3
 _RUNTIME_BOOT = "import coursekit.runtime as _ck_rt; _ck_rt.install(get_ipython()); del _ck_rt"
 _CALL = "__import__('coursekit.runtime').runtime.current.dispatch({payload!r})"
+# A large request travels as a file: IPython tokenizes every cell it runs, which
+# costs seconds per megabyte of string literal.
+_CALL_FILE = "__import__('coursekit.runtime').runtime.current.dispatch_file({path!r})"
+INLINE_LIMIT = 32 * 1024
 
 
 class StudentTimeout(AssertionError):
@@ -157,7 +161,7 @@ class GradingSession:
         if timeout <= 0:
             raise StudentTimeout(self._timeout_message())
         try:
-            result = self.kernel.execute(_CALL.format(payload=payload), timeout=timeout)
+            result = self.kernel.execute(self._call_code(payload), timeout=timeout)
         except KernelTimeout:
             raise StudentTimeout(self._timeout_message()) from None
         except KernelDied:
@@ -167,6 +171,15 @@ class GradingSession:
             raise StudentCrashed("the notebook's process gave no answer (did your code replace the "
                                  "grader's helpers or close its output?)")
         return decode_reply(self, result.replies[-1])
+
+    def _call_code(self, payload: str) -> str:
+        if len(payload) <= INLINE_LIMIT:
+            return _CALL.format(payload=payload)
+        fd, path = tempfile.mkstemp(dir=self.workdir, prefix=".request-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(payload)
+        os.chmod(path, 0o644)  # the student's user reads it; the runtime deletes it
+        return _CALL_FILE.format(path=path)
 
     def _timeout_message(self) -> str:
         if time.monotonic() >= self.submission_deadline:

@@ -41,3 +41,11 @@ def test_handles_keep_identity_and_die_with_a_restart(session):
     with pytest.raises(AssertionError, match="lost when your notebook's process restarted"):
         linear(torch.ones(2))
     assert student.lib("math.sqrt")(4.0) == 2.0  # the restarted process answers
+
+
+def test_large_arguments_cross_intact_through_a_file(session):
+    student = Student(session)
+    big = torch.randn(20_000, 50)  # 4 MB: over the inline limit, so it travels as a file
+    back = student.lib("torch.clone")(big)
+    assert torch.equal(back, big)
+    assert not list(session.workdir.glob(".request-*")), "the request file was not removed"
