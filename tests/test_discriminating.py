@@ -81,6 +81,9 @@ def test_mutant_loses_points(graded, lab_id, mutant):
     lab = COURSE.lab(lab_id)
     assert results["extra_data"]["problem"] == "", f"grading the mutant failed: {results['extra_data']['problem']}"
     assert results["score"] < lab.max_score, f"{mutant.name} ({mutant.why}) keeps full marks"
+    # A plausible mistake keeps the points of what it did not touch: zero means the grader
+    # itself failed on the notebook (a fixture error, a crash), which would prove nothing.
+    assert results["score"] > 0, f"{mutant.name} scores 0: see its results for a grading failure"
     by_name = {t["name"]: t for t in results["tests"]}
     for name in mutant.loses:
         assert name in by_name, f"{mutant.name}: no test named {name} in course.yaml"
