@@ -8,6 +8,8 @@ import pytest
 from coursekit.config import load_course
 
 TOY = Path(__file__).parent / "fixtures" / "toy"
+# The toy lab's hidden suite is graded through the engine, never collected directly.
+collect_ignore = ["fixtures"]
 
 # The toy lab's notebook, cell by cell: what each test of its suite needs, and two
 # cells the grader must survive (one raises, one is tagged as training and would

@@ -29,8 +29,9 @@ def test_release_leaks_no_solution_and_no_hidden_test(lab_id):
     assert COURSE.lab(lab_id).notebook_in("release").exists()
 
 
-def test_the_leak_check_catches_a_leak(tmp_path, monkeypatch):
-    """Plant a solution line in a copy of a released notebook: the check must see it."""
+def test_the_leak_check_catches_a_leak(tmp_path):
+    """Plant a solution line and a hidden-suite line in a copy of a released notebook:
+    the check must see both."""
     import shutil
 
     import nbformat
@@ -40,13 +41,18 @@ def test_the_leak_check_catches_a_leak(tmp_path, monkeypatch):
     lab = COURSE.lab(LABS[0])
     inside, outside = solution_lines(nbformat.read(lab.notebook_in("source"), as_version=4))
     leaked = max(inside - outside, key=len)
+    suite_line = next(line.strip() for path in sorted(lab.suite_dir.glob("test_*.py"))
+                      for line in path.read_text().splitlines()
+                      if len(line.strip()) > 40 and line.strip() not in outside
+                      and line.strip().startswith("assert "))
     root = tmp_path / "course"
     for folder in ("source", "release", "autograder"):
         shutil.copytree(COURSE.root / folder / lab.id, root / folder / lab.id)
     nb = nbformat.read(root / "release" / lab.id / lab.notebook, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(leaked))
+    nb.cells.append(nbformat.v4.new_code_cell(leaked + "\n" + suite_line))
     nbformat.write(nb, root / "release" / lab.id / lab.notebook)
     copy = type(lab)(**{**lab.__dict__, "root": root})
     course = type(COURSE)(**{**COURSE.__dict__, "root": root, "labs": {lab.id: copy}})
     problems = check_leaks(course, copy)
     assert any("solution code appears" in p for p in problems), problems
+    assert any("a line of the hidden suite" in p for p in problems), problems
