@@ -201,11 +201,13 @@ def reference_epoch(model, loader, optimizer, scheduler=None, max_grad_norm=1.0,
                     scheduler_per_batch=True, clip=True, train_mode=True) -> float:
     """The contract's loop (the keyword arguments switch on the mistakes the tests guard against)."""
     model.train(train_mode)
+    device = next(model.parameters()).device
     losses = []
     for batch in loader:
         if zero_grad:
             optimizer.zero_grad()
-        loss = F.cross_entropy(model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}), batch["labels"])
+        logits = model(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
+        loss = F.cross_entropy(logits, batch["labels"].to(device))
         loss.backward()
         if clip and max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -218,28 +220,26 @@ def reference_epoch(model, loader, optimizer, scheduler=None, max_grad_norm=1.0,
     return sum(losses) / len(losses)
 
 
-def sgd_setup(student, student_model, oracle, lr, warmup, total, with_scheduler):
-    """The same SGD (momentum 0.9) and linear warm-up schedule, in both processes."""
+def student_sgd(student, student_model, lr, warmup, total, with_scheduler):
+    """SGD (momentum 0.9) and, if asked, a linear warm-up schedule, made in the student's process:
+    the same optimizer and schedule that run_reference makes here."""
+    opt = student.lib("torch.optim.SGD").keep(student_model.parameters.keep(), lr=lr, momentum=0.9)
+    sched = (student.lib("transformers.get_linear_schedule_with_warmup").keep(opt, warmup, total)
+             if with_scheduler else None)
+    return opt, sched
+
+
+def run_reference(oracle, loader, lr, warmup, total, with_scheduler, seed, device, **mistakes):
+    """A fresh copy of the oracle trained one epoch by the reference loop on `device` (the student's,
+    so that dropout draws the same masks from the same seed): (CPU state dict, mean loss)."""
     from transformers import get_linear_schedule_with_warmup
 
-    opt = torch.optim.SGD(oracle.parameters(), lr=lr, momentum=0.9)
-    sched = get_linear_schedule_with_warmup(opt, warmup, total) if with_scheduler else None
-    s_opt = student.lib("torch.optim.SGD").keep(student_model.parameters.keep(), lr=lr, momentum=0.9)
-    s_sched = (student.lib("transformers.get_linear_schedule_with_warmup").keep(s_opt, warmup, total)
-               if with_scheduler else None)
-    return opt, sched, s_opt, s_sched
-
-
-def run_reference(oracle, loader, lr, warmup, total, with_scheduler, seed, **mistakes):
-    """A fresh copy of the oracle trained one epoch by the reference loop: (state dict, mean loss)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    model = copy.deepcopy(oracle)
+    model = copy.deepcopy(oracle).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = get_linear_schedule_with_warmup(opt, warmup, total) if with_scheduler else None
     torch.manual_seed(seed)
     loss = reference_epoch(model, loader, opt, sched, **mistakes)
-    return model.state_dict(), loss
+    return {k: v.cpu() for k, v in model.state_dict().items()}, loss
 
 
 def max_weight_change(a: dict, b: dict) -> float:
@@ -462,7 +462,7 @@ def _train_case(student, device, *, seed, encoder_dropout=0.0, lr=0.1, warmup=1,
     loader = labelled_loader(torch.Generator().manual_seed(seed + 100), TRAIN_SIZES)
     if hand_in_eval_mode:
         model.eval()
-    _, _, s_opt, s_sched = sgd_setup(student, model, oracle, lr, warmup, total, with_scheduler)
+    s_opt, s_sched = student_sgd(student, model, lr, warmup, total, with_scheduler)
     student.lib("torch.manual_seed")(seed)
     loss = student.train_one_epoch(model, loader, s_opt, s_sched, device=device, max_grad_norm=max_grad_norm)
     return loss, model, oracle, loader, s_sched
@@ -475,12 +475,12 @@ def test_train_one_epoch_matches_reference(student, device, case):
     seed = {"scheduler_and_clipping": 20, "no_scheduler": 21, "no_clipping": 22}[case]
     loss, model, oracle, loader, _ = _train_case(student, device, seed=seed, with_scheduler=with_scheduler,
                                                  max_grad_norm=max_grad_norm)
-    expected, expected_loss = run_reference(oracle, loader, 0.1, 1, 8, with_scheduler, seed,
+    expected, expected_loss = run_reference(oracle, loader, 0.1, 1, 8, with_scheduler, seed, device,
                                             max_grad_norm=max_grad_norm)
     # The check has teeth: forgetting zero_grad moves the weights far beyond the tolerance.
-    stale, _ = run_reference(oracle, loader, 0.1, 1, 8, with_scheduler, seed, max_grad_norm=max_grad_norm,
+    stale, _ = run_reference(oracle, loader, 0.1, 1, 8, with_scheduler, seed, device, max_grad_norm=max_grad_norm,
                              zero_grad=False)
-    assert max_weight_change(stale, expected) > 1e-3
+    assert max_weight_change(stale, expected) > 1e-3, "internal: this test case cannot tell the mistake it targets"
     try:
         check_weights(model, expected, f"case {case}")
     except AssertionError as exc:
@@ -497,9 +497,9 @@ def test_train_one_epoch_sets_train_mode(student, device):
     seed = 23
     _, model, oracle, loader, _ = _train_case(student, device, seed=seed, encoder_dropout=0.2,
                                               hand_in_eval_mode=True)
-    expected, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed)
-    without, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed, train_mode=False)
-    assert max_weight_change(without, expected) > 1e-3
+    expected, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed, device)
+    without, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed, device, train_mode=False)
+    assert max_weight_change(without, expected) > 1e-3, "internal: this test case cannot tell the mistake it targets"
     try:
         check_weights(model, expected, "a model handed over in eval mode (encoder dropout 0.2)")
     except AssertionError as exc:
@@ -509,9 +509,9 @@ def test_train_one_epoch_sets_train_mode(student, device):
 def test_train_one_epoch_steps_scheduler_per_batch(student, device):
     seed = 24
     _, model, oracle, loader, s_sched = _train_case(student, device, seed=seed, warmup=2, total=10)
-    expected, _ = run_reference(oracle, loader, 0.1, 2, 10, True, seed)
-    per_epoch, _ = run_reference(oracle, loader, 0.1, 2, 10, True, seed, scheduler_per_batch=False)
-    assert max_weight_change(per_epoch, expected) > 1e-3
+    expected, _ = run_reference(oracle, loader, 0.1, 2, 10, True, seed, device)
+    per_epoch, _ = run_reference(oracle, loader, 0.1, 2, 10, True, seed, device, scheduler_per_batch=False)
+    assert max_weight_change(per_epoch, expected) > 1e-3, "internal: this test case cannot tell the mistake it targets"
     steps = s_sched.last_epoch
     assert steps == len(loader), (
         f"after an epoch of {len(loader)} batches the scheduler has been stepped {steps} times: step it once "
@@ -522,9 +522,9 @@ def test_train_one_epoch_steps_scheduler_per_batch(student, device):
 def test_train_one_epoch_clips_global_norm(student, device):
     seed = 25
     _, model, oracle, loader, _ = _train_case(student, device, seed=seed, max_grad_norm=0.05)
-    expected, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed, max_grad_norm=0.05)
-    unclipped, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed, max_grad_norm=0.05, clip=False)
-    assert max_weight_change(unclipped, expected) > 1e-3
+    expected, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed, device, max_grad_norm=0.05)
+    unclipped, _ = run_reference(oracle, loader, 0.1, 1, 8, True, seed, device, max_grad_norm=0.05, clip=False)
+    assert max_weight_change(unclipped, expected) > 1e-3, "internal: this test case cannot tell the mistake it targets"
     try:
         check_weights(model, expected, "with max_grad_norm=0.05")
     except AssertionError as exc:
@@ -606,9 +606,9 @@ def test_evaluate_matches_sklearn(student, device, seed):
     model, oracle, loader, logits, labels, pred = _eval_case(student, device, seed)
     # The case has teeth: the F1 of class 0, a transposed matrix and the mean of batch means all differ.
     y, p = labels.numpy(), pred.numpy()
-    assert f1_score(y, p, pos_label=0) != f1_score(y, p, pos_label=1)
+    assert f1_score(y, p, pos_label=0) != f1_score(y, p, pos_label=1), "internal: the case cannot tell the F1 classes apart"
     cm = confusion_matrix(y, p, labels=[0, 1])
-    assert cm[0, 1] != cm[1, 0]
+    assert cm[0, 1] != cm[1, 0], "internal: the case cannot tell a transposed matrix"
     got = student.evaluate(model, loader, device=device)
     _check_metrics(got, logits, labels, pred, f"{sum(EVAL_SIZES)} examples in batches of {EVAL_SIZES}")
 

@@ -43,7 +43,7 @@ MUTANTS = [
     Mutant(
         name="scheduler_per_epoch",
         why="scheduler.step() once per epoch instead of once per batch: with warm-up from 0 the learning "
-            "rate stays 0 for the whole first epoch.",
+            "rate stays 0 for the whole first epoch (the end-to-end run ends at chance, 0.50).",
         patches=[
             ("        if scheduler is not None:\n"
              "            scheduler.step()   # the schedule counts optimizer steps, so it moves every batch\n", ""),
@@ -89,10 +89,11 @@ MUTANTS = [
     ),
     Mutant(
         name="encoder_detached",
-        why="The encoder's output is detached (a frozen encoder): only the head learns.",
+        why="The encoder's output is detached (a frozen encoder): only the head learns, and the "
+            "end-to-end run stays well under the threshold (0.64 here against 0.79 for the reference).",
         patches=[("hidden = self.encoder(**inputs).last_hidden_state",
                   "hidden = self.encoder(**inputs).last_hidden_state.detach()")],
-        loses=["test_classifier_gradients"],
+        loses=["test_classifier_gradients", "test_end_to_end_finetuning"],
     ),
     Mutant(
         name="token_type_ids_ignored",
