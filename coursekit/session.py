@@ -52,8 +52,6 @@ class CellError:
 class SessionLog:
     cell_errors: list[CellError] = field(default_factory=list)
     restarts: int = 0
-    notes: list[str] = field(default_factory=list)
-    output: str = ""
 
 
 class GradingSession:
@@ -136,8 +134,6 @@ class GradingSession:
                 self._record(cell, result)
 
     def _record(self, cell: Cell, result: Execution) -> None:
-        if result.output and len(self.log.output) < 16_000:
-            self.log.output += result.output[: 16_000 - len(self.log.output)]
         if result.status == "error":
             self.log.cell_errors.append(
                 CellError(cell, result.error_name, result.error_value[:2000],
