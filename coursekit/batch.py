@@ -8,9 +8,7 @@ after an interruption regrades only what is missing or what changed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -25,10 +23,7 @@ from coursekit.config import Course, Lab
 from coursekit.notebook import SubmissionError, notebook_lab, read_notebook
 from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, failed_results, read_results,
                                save_submission, write_gradebook)
-
-# Past the submission's own limit, the worker gets this long to write its results
-# before it is killed.
-WORKER_GRACE_SECONDS = 60
+from coursekit.runners import Job, LocalRunner, Runner
 
 
 @dataclass
@@ -98,7 +93,9 @@ def submission_key(lab: Lab, notebook: Path) -> str:
 
 
 def grade_batch(course: Course, submissions: list[Submission], out: Path, workers: int = 1,
-                force: bool = False, progress: bool = True, gradebook: bool = False) -> list[dict]:
+                force: bool = False, progress: bool = True, gradebook: bool = False,
+                runner: Runner | None = None) -> list[dict]:
+    runner = runner or LocalRunner()
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     todo: list[tuple[Submission, str]] = []
@@ -114,9 +111,9 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
             todo.append((sub, key))
 
     bar = tqdm(total=len(todo), desc="grading", unit="nb", disable=not progress, file=sys.stderr)
-    env = _worker_env(max(1, workers))
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(_grade_one, course, sub, key, out, env): sub for sub, key in todo}
+        futures = {pool.submit(_grade_one, runner, course, sub, key, out, threads): sub for sub, key in todo}
         for future in as_completed(futures):
             sub = futures[future]
             rows[sub.name] = _row(sub, future.result())
@@ -142,23 +139,18 @@ def _record_in_nbgrader(course: Course, submissions: list[Submission], out: Path
                 record(course, sub.lab, book, sub.name, sub.notebook, results)
 
 
-def _grade_one(course: Course, sub: Submission, key: str, out: Path, env: dict[str, str]) -> dict:
+def _grade_one(runner: Runner, course: Course, sub: Submission, key: str, out: Path, threads: int) -> dict:
     """Run the worker; whatever happens to it, the submission ends with results."""
     folder = out / sub.name
     folder.mkdir(parents=True, exist_ok=True)
     extra = {"key": key, "student": sub.name, "notebook": str(sub.notebook)}
     started = time.monotonic()
-    command = [sys.executable, "-m", "coursekit.worker", "--course", str(course.path), "--lab", sub.lab.id,
-               "--notebook", str(sub.notebook), "--out", str(folder), "--extra", json.dumps(extra)]
     results_path = folder / RESULTS_FILE
     results_path.unlink(missing_ok=True)
-    with open(folder / "grader.log", "wb") as log:
-        try:
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  timeout=sub.lab.limits.submission_seconds + WORKER_GRACE_SECONDS)
-            problem = "" if proc.returncode == 0 else f"the grader's worker exited with status {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            problem = "grading ran past the submission's time limit and was stopped"
+    try:
+        problem = runner.run(Job(course, sub.lab, sub.notebook, folder, extra, threads))
+    except Exception as exc:  # a backend's failure is this submission's, never the batch's
+        problem = f"the grading backend failed: {type(exc).__name__}: {exc}"
     results = read_results(results_path)
     if results is None:
         results = failed_results(sub.lab, f"Grading failed: {problem or 'no results were written'}. "
@@ -166,15 +158,6 @@ def _grade_one(course: Course, sub: Submission, key: str, out: Path, env: dict[s
                                  time.monotonic() - started, extra)
         save_submission(folder, sub.lab, results)
     return results
-
-
-def _worker_env(workers: int) -> dict[str, str]:
-    """Each worker and its student's kernel share the cores evenly: torch's default of
-    one thread per core, times several workers, makes everything many times slower."""
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    return env
 
 
 def _row(sub: Submission, results: dict | None, problem: str = "") -> dict:
