@@ -29,34 +29,84 @@ from coursekit.runners import Job, LocalRunner, Runner
 @dataclass
 class Submission:
     name: str           # the student (nbgrader tree) or the notebook's name: the folder under --out
-    notebook: Path
+    notebook: Path | None
     lab: Lab | None
-    problem: str = ""   # why the lab could not be determined
+    problem: str = ""   # why it cannot be graded (no lab, no notebook)
     in_nbgrader_tree: bool = False
+    note: str = ""      # graded, but the student should know (zip entries that were refused)
 
 
-def discover(course: Course, paths: list[Path], lab_id: str | None) -> list[Submission]:
+def discover(course: Course, paths: list[Path], lab_id: str | None, unpack_dir: Path | None = None) -> list[Submission]:
+    """Notebooks, folders of them, nbgrader submitted/ trees and zip files of
+    notebooks. A zip is unpacked under `unpack_dir` (the results folder's
+    .unpacked/); an nbgrader assignment folder without a notebook is a submission
+    too, so that its student gets a zero with the reason."""
     forced = course.lab(lab_id) if lab_id else None
-    found: list[tuple[Path, Path]] = []
+    found: list[tuple[Path, Path, str, str]] = []   # (base, notebook, note, name)
+    empty: list[tuple[str, str, str]] = []      # (student, lab id, problem)
     for path in paths:
         if path.is_dir():
-            found += [(path, nb) for nb in sorted(path.rglob("*.ipynb")) if ".ipynb_checkpoints" not in nb.parts]
+            found += [(path, nb, "", "") for nb in sorted(path.rglob("*.ipynb"))
+                      if ".ipynb_checkpoints" not in nb.parts and not (unpack_dir and unpack_dir in nb.parents)]
+            empty += _empty_nbgrader_folders(course, path)
+            for archive in sorted(path.rglob("*.zip")):
+                found += _unpack(archive, path, unpack_dir, empty)
+        elif path.suffix == ".zip" and path.is_file():
+            found += _unpack(path, path.parent, unpack_dir, empty)
         elif path.exists():
-            found.append((path.parent, path))
+            found.append((path.parent, path, "", ""))
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     submissions, names = [], set()
-    for base, notebook in found:
-        name, tree_lab = _name_and_lab(course, base, notebook)
+
+    def unique(name: str) -> str:
         while name in names:
             name += "_"
         names.add(name)
-        lab = forced or _lab_of(course, notebook, tree_lab)
-        problem = "" if lab else (
-            f"cannot tell which lab {notebook} is for (no course metadata, no lab folder, "
-            f"and its name matches no lab's notebook); pass --lab")
-        submissions.append(Submission(name, notebook, lab, problem, in_nbgrader_tree=tree_lab is not None))
+        return name
+
+    for base, notebook, note, name in found:
+        tree_name, tree_lab = _name_and_lab(course, base, notebook)
+        lab, wrong_lab = _lab_of(course, notebook, tree_lab, forced)
+        note = "; ".join(filter(None, (note, wrong_lab)))
+        problem = "" if lab else (f"cannot tell which lab {notebook.name} is for (no course metadata, no lab "
+                                  "folder, and its name matches no lab's notebook); pass --lab")
+        submissions.append(Submission(unique(name or tree_name), notebook, lab, problem,
+                                      in_nbgrader_tree=tree_lab is not None, note=note))
+    for student, lab_id_, problem in empty:
+        lab = forced or course.labs.get(lab_id_)
+        submissions.append(Submission(unique(student), None, lab, problem, in_nbgrader_tree=lab_id_ in course.labs))
     return submissions
+
+
+def _empty_nbgrader_folders(course: Course, root: Path) -> list[tuple[str, str, str]]:
+    """submitted/<student>/<lab>/ folders with no notebook in them."""
+    missing = []
+    for submitted in [root] if root.name == "submitted" else sorted(root.rglob("submitted")):
+        for folder in sorted(submitted.glob("*/*")):
+            if folder.is_dir() and folder.name in course.labs and not any(folder.glob("*.ipynb")):
+                expected = course.labs[folder.name].notebook
+                missing.append((folder.parent.name, folder.name,
+                                f"no notebook was found in {folder}: the lab expects {expected}; "
+                                "submit the notebook itself (not a copy under another extension)"))
+    return missing
+
+
+def _unpack(archive: Path, base: Path, unpack_dir: Path | None, empty: list) -> list[tuple[Path, Path, str, str]]:
+    from coursekit.archive import unpack
+
+    if unpack_dir is None:
+        raise ValueError(f"{archive}: zip files can be graded only with a folder to unpack them into")
+    stem = "__".join(archive.relative_to(base).with_suffix("").parts)
+    into = unpack_dir / stem
+    unpacked = unpack(archive, into)
+    note = "; ".join(unpacked.problems)
+    if not unpacked.notebooks:
+        empty.append((stem, "", f"no notebook could be taken from {archive.name}"
+                      + (f": {note}" if note else " (it holds no .ipynb file)")))
+    # A zip is named after itself; several notebooks in one, after their paths inside it too.
+    return [(into, nb, note, stem if len(unpacked.notebooks) == 1 else "")
+            for nb in unpacked.notebooks]
 
 
 def _name_and_lab(course: Course, base: Path, notebook: Path) -> tuple[str, str | None]:
@@ -69,15 +119,21 @@ def _name_and_lab(course: Course, base: Path, notebook: Path) -> tuple[str, str 
     return "__".join(relative.parts), None
 
 
-def _lab_of(course: Course, notebook: Path, tree_lab: str | None) -> Lab | None:
+def _lab_of(course: Course, notebook: Path, tree_lab: str | None, forced: Lab | None) -> tuple[Lab | None, str]:
+    """The lab to grade against, and a note when the notebook says it is another's.
+    --lab wins, then the nbgrader folder it was submitted to, then the notebook's
+    own metadata, then its file name."""
     try:
-        lab_id = notebook_lab(read_notebook(notebook))
+        own = notebook_lab(read_notebook(notebook))
     except (SubmissionError, OSError):
-        lab_id = None
-    for candidate in (lab_id, tree_lab):
-        if candidate in course.labs:
-            return course.labs[candidate]
-    return next((lab for lab in course.labs.values() if lab.notebook == notebook.name), None)
+        own = None
+    lab = forced or course.labs.get(tree_lab or "") or course.labs.get(own or "") or next(
+        (lab for lab in course.labs.values() if lab.notebook == notebook.name), None)
+    note = ""
+    if lab and own and own != lab.id:
+        note = (f"This notebook says it belongs to lab {own!r}, but it was submitted for {lab.id!r} "
+                f"({lab.title}) and was graded as that lab: did you submit the wrong notebook?")
+    return lab, note
 
 
 def submission_key(lab: Lab, notebook: Path) -> str:
@@ -100,8 +156,8 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     rows: dict[str, dict] = {}
     todo: list[tuple[Submission, str]] = []
     for sub in submissions:
-        if sub.lab is None:
-            rows[sub.name] = _row(sub, None, sub.problem)
+        if sub.problem:
+            rows[sub.name] = _row(sub, _ungradable(sub, out), sub.problem)
             continue
         key = submission_key(sub.lab, sub.notebook)
         previous = read_results(out / sub.name / RESULTS_FILE)
@@ -123,7 +179,7 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     ordered = [rows[s.name] for s in submissions]
     write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
     if gradebook:
-        _record_in_nbgrader(course, [s for s in submissions if s.in_nbgrader_tree and s.lab], out)
+        _record_in_nbgrader(course, [s for s in submissions if s.in_nbgrader_tree and s.lab and s.notebook], out)
     return ordered
 
 
@@ -143,7 +199,7 @@ def _grade_one(runner: Runner, course: Course, sub: Submission, key: str, out: P
     """Run the worker; whatever happens to it, the submission ends with results."""
     folder = out / sub.name
     folder.mkdir(parents=True, exist_ok=True)
-    extra = {"key": key, "student": sub.name, "notebook": str(sub.notebook)}
+    extra = {"key": key, "student": sub.name, "notebook": str(sub.notebook), "note": sub.note}
     started = time.monotonic()
     results_path = folder / RESULTS_FILE
     results_path.unlink(missing_ok=True)
@@ -157,6 +213,15 @@ def _grade_one(runner: Runner, course: Course, sub: Submission, key: str, out: P
                                  f"The instructor can see {folder / 'grader.log'}.",
                                  time.monotonic() - started, extra)
         save_submission(folder, sub.lab, results)
+    return results
+
+
+def _ungradable(sub: Submission, out: Path) -> dict | None:
+    """A zero with the reason, in the student's feedback when the lab is known."""
+    if sub.lab is None:
+        return None
+    results = failed_results(sub.lab, sub.problem, 0.0, {"student": sub.name})
+    save_submission(out / sub.name, sub.lab, results)
     return results
 
 

@@ -11,7 +11,14 @@ import yaml
 
 DEVICE_POLICIES = ("cpu", "cuda", "auto")
 VISIBILITIES = ("visible", "hidden", "after_due_date", "after_published")
-LIMIT_KEYS = ("test_seconds", "submission_seconds", "memory_mb", "processes")
+LIMIT_KEYS = ("test_seconds", "submission_seconds", "cell_seconds", "memory_mb", "processes", "cpus", "gpus")
+# What a submission's grading asks of the machine that runs it (a container's CPU
+# quota, a Ray task's resources); optional, unlike the limits above.
+RESOURCE_KEYS = ("cpus", "gpus")
+# One notebook cell, while the notebook runs before the tests: a cell that loops at
+# import is stopped at this limit and the cells after it still run.
+DEFAULT_CELL_SECONDS = 300
+DEFAULT_GRADER_IMAGE = "nlp-course/grader"
 
 
 class ConfigError(ValueError):
@@ -22,8 +29,11 @@ class ConfigError(ValueError):
 class Limits:
     test_seconds: float
     submission_seconds: float
+    cell_seconds: float
     memory_mb: int
     processes: int
+    cpus: float
+    gpus: float
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class Course:
     course_id: str
     title: str
     image_base: str
+    image_grader: str
     device: str
     labs: dict[str, Lab]
     root: Path
@@ -141,7 +152,8 @@ class _Validator:
         image = self.mapping(data.get("image", {}), "image")
         defaults = self.mapping(data.get("defaults", {}), "defaults")
         self.unknown(defaults, "defaults", ("limits", "visibility"))
-        default_limits = self.limits(defaults.get("limits"), "defaults.limits", None)
+        device = self.choice(data.get("device", "auto"), "device", DEVICE_POLICIES)
+        default_limits = self.limits(defaults.get("limits"), "defaults.limits", None, device)
         default_visibility = self.choice(defaults.get("visibility", "visible"), "defaults.visibility", VISIBILITIES)
         labs_data = data.get("labs")
         if not isinstance(labs_data, list) or not labs_data:
@@ -157,20 +169,21 @@ class _Validator:
             course_id=self.text(data.get("course_id"), "course_id"),
             title=self.text(data.get("title"), "title"),
             image_base=self.text(image.get("base"), "image.base"),
-            device=self.choice(data.get("device", "auto"), "device", DEVICE_POLICIES),
-            labs=labs, root=root, path=self.path,
+            image_grader=self.text(image.get("grader", DEFAULT_GRADER_IMAGE), "image.grader"),
+            device=device, labs=labs, root=root, path=self.path,
         )
 
-    def limits(self, data: Any, key: str, base: Limits | None) -> Limits:
+    def limits(self, data: Any, key: str, base: Limits | None, device: str = "auto") -> Limits:
         data = self.mapping(data if data is not None else {}, key)
         self.unknown(data, key, LIMIT_KEYS)
-        values = {}
+        # A course that always grades on CUDA needs a GPU per submission unless it says otherwise.
+        values = {"cpus": 1, "gpus": 1 if device == "cuda" else 0, "cell_seconds": DEFAULT_CELL_SECONDS}
         for name in LIMIT_KEYS:
             if name in data:
-                values[name] = self.number(data[name], f"{key}.{name}")
+                values[name] = self.number(data[name], f"{key}.{name}", positive=name != "gpus")
             elif base is not None:
                 values[name] = getattr(base, name)
-            else:
+            elif name not in values:
                 self.fail(f"{key}.{name}", "a positive number", None)
         return Limits(**values)
 

@@ -1,22 +1,33 @@
-"""Who the student's code runs as.
+"""Who the student's code runs as, and what it can see (the grader's side of
+coursekit.sandbox).
 
 When the grader runs as root (as in the grader container), the student's kernel
-runs as an unprivileged user (``COURSE_STUDENT_USER``, default ``nobody``): it
-cannot read the hidden suites (the grader makes autograder/ private to itself),
-write the results folder, or signal the grader. A process-count limit then holds,
-since it counts per user. Where that user cannot run this Python at all (an
-interpreter under a private home directory, say), the kernel runs as the
-grader's user and every result says so.
+runs as an unprivileged user (``COURSE_STUDENT_USER``, default ``nobody``), which
+makes a process-count limit bind and keeps the grader's files out of reach by
+permissions too. Where that user cannot run this Python at all, the kernel runs as
+the grader's user and every result says so.
+
+Whatever the user, the kernel's sandbox plan covers the grader's private folders:
+the hidden suites, the results, the submissions, the other kernels' folders and
+the grader's home, keeping visible only the paths the kernel needs (the course,
+the Python environment, its own folder).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from coursekit.sandbox import describe, read_status
+
+PLAN_FILE = ".sandbox-plan.json"
 
 
 @dataclass(frozen=True)
@@ -24,12 +35,6 @@ class StudentUser:
     name: str
     uid: int
     gid: int
-
-    def become(self) -> None:
-        """In a child process, before exec: drop every privilege of root."""
-        os.setgroups([])
-        os.setgid(self.gid)
-        os.setuid(self.uid)
 
     def give(self, path: Path) -> None:
         os.chown(path, self.uid, self.gid)
@@ -41,8 +46,54 @@ class Isolation:
     description: str
 
 
-@functools.lru_cache(maxsize=1)
-def student_isolation() -> Isolation:
+def needed_paths(course_root: Path, workdir: Path) -> list[Path]:
+    """What the kernel must still see: the course (minus what is covered inside it),
+    the Python environment, its own folder."""
+    paths = [course_root, Path(sys.prefix), Path(sys.base_prefix), workdir,
+             *(Path(p) for p in sys.path if p and os.path.isdir(p))]
+    return [p.resolve() for p in paths]
+
+
+def sandbox_plan(workdir: Path, course_root: Path, private: list[Path], user: StudentUser | None = None,
+                 address_space_bytes: int | None = None, memory_bytes: int | None = None,
+                 max_processes: int | None = None) -> dict:
+    workdir = workdir.resolve()
+    needed = needed_paths(course_root, workdir)
+    folders = [Path(tempfile.gettempdir()), Path.home(), *private]
+    covers = []
+    for folder in sorted({f.resolve() for f in folders if f.is_dir()}, key=lambda f: len(f.parts)):
+        if folder == Path("/") or folder in needed:
+            continue
+        keep = [p for p in needed if folder in p.parents]
+        keep = [p for p in keep if not any(q in p.parents for q in keep)]  # the outermost suffice
+        covers.append([str(folder), sorted(map(str, keep))])
+    plan = {
+        "workdir": str(workdir),
+        "writable": [str(workdir)],
+        "cover": covers,
+        "address_space_bytes": address_space_bytes,
+        "memory_bytes": memory_bytes,
+        "max_processes": max_processes,
+        "sandbox": os.environ.get("COURSE_SANDBOX", "1") != "0",
+    }
+    if user is not None:
+        plan["user"] = {"uid": user.uid, "gid": user.gid}
+        plan["give"] = [str(workdir / ".kernel.json")]
+    return plan
+
+
+def write_plan(plan: dict) -> Path:
+    path = Path(plan["workdir"]) / PLAN_FILE
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def launcher(plan_path: Path) -> list[str]:
+    return [sys.executable, "-m", "coursekit.sandbox", str(plan_path), "--"]
+
+
+@functools.lru_cache(maxsize=None)
+def student_isolation(course_root: Path) -> Isolation:
     if os.geteuid() != 0:
         return Isolation(None, f"the grader's own user ({pwd.getpwuid(os.geteuid()).pw_name}); "
                                "run the grader as root (as its container does) to isolate students")
@@ -52,16 +103,26 @@ def student_isolation() -> Isolation:
     except KeyError:
         return Isolation(None, f"root: the student user {name!r} does not exist (set COURSE_STUDENT_USER)")
     user = StudentUser(name, entry.pw_uid, entry.pw_gid)
+    # The student's Python must run as that user inside the sandbox the kernel will get.
+    workdir = Path(tempfile.mkdtemp(prefix="course-probe-"))
     try:
-        probe = subprocess.run([sys.executable, "-c", "import coursekit.runtime"], preexec_fn=user.become,
+        user.give(workdir)
+        plan = write_plan(sandbox_plan(workdir, course_root, [], user=user))
+        probe = subprocess.run([*launcher(plan), sys.executable, "-c", "import coursekit.runtime"],
                                capture_output=True, cwd="/", timeout=120)
         runs = probe.returncode == 0
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         runs = False
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if not runs:
         return Isolation(None, f"root: the student user {name!r} cannot run {sys.executable} "
                                "(is the Python environment under a private directory?)")
     return Isolation(user, f"the unprivileged user {name!r}")
+
+
+def sandbox_description(workdir: Path) -> str:
+    return describe(read_status(str(workdir)))
 
 
 def protect(path: Path) -> None:

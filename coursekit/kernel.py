@@ -16,8 +16,9 @@ from queue import Empty
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec
 
-from coursekit.isolation import StudentUser
+from coursekit.isolation import launcher, write_plan
 from coursekit.runtime import REPLY_MIME
+from coursekit.sandbox import read_status, remove_control_groups
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_CAPTURED_OUTPUT = 64 * 1024
@@ -49,17 +50,15 @@ def strip_ansi(text: str) -> str:
 
 
 class StudentKernel:
-    """One kernel for one submission. ``env`` and ``cwd`` are the student's."""
+    """One kernel for one submission. ``env`` and ``cwd`` are the student's; ``plan``
+    is its sandbox (coursekit.isolation.sandbox_plan): limits, user, what it sees."""
 
-    def __init__(self, cwd: str, env: dict[str, str], memory_bytes: int | None = None,
-                 max_processes: int | None = None, user: StudentUser | None = None,
-                 startup_timeout: float = 120.0):
+    def __init__(self, cwd: str, env: dict[str, str], plan: dict | None = None, startup_timeout: float = 120.0):
         self.cwd = cwd
         self.env = env
-        self.memory_bytes = memory_bytes
-        self.max_processes = max_processes
-        self.user = user
+        self.plan = plan or {"workdir": cwd, "writable": [cwd]}
         self.startup_timeout = startup_timeout
+        self.sandbox: dict = {}            # what the launcher achieved, read before student code runs
         self.km: KernelManager | None = None
         self.kc = None
 
@@ -70,11 +69,11 @@ class StudentKernel:
         km = KernelManager(transport="ipc", ip=os.path.join(self.cwd, ".kernel"),
                            connection_file=os.path.join(self.cwd, ".kernel.json"))
         km._kernel_spec = KernelSpec(
-            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            argv=[*launcher(write_plan(self.plan)), sys.executable, "-m", "ipykernel_launcher",
+                  "-f", "{connection_file}"],
             display_name="student", language="python",
         )
-        self._connection_file = km.connection_file
-        km.start_kernel(cwd=self.cwd, env=self.env, preexec_fn=self._prepare_child)
+        km.start_kernel(cwd=self.cwd, env=self.env)
         kc = km.client()
         kc.start_channels()
         try:
@@ -83,23 +82,7 @@ class StudentKernel:
             km.shutdown_kernel(now=True)
             raise KernelDied(f"the student's kernel did not start: {exc}") from None
         self.km, self.kc = km, kc
-
-    def _prepare_child(self) -> None:
-        """Runs in the kernel's process before it execs. An address-space cap is
-        how a bare machine bounds memory; CUDA reserves far more address space than
-        it uses, so on a GPU the container's memory limit does this job instead.
-        The process count is per user, so it only binds once the user is dropped."""
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if self.memory_bytes:
-            resource.setrlimit(resource.RLIMIT_AS, (self.memory_bytes, self.memory_bytes))
-        if self.user is not None:
-            if self.max_processes:
-                resource.setrlimit(resource.RLIMIT_NPROC, (self.max_processes, self.max_processes))
-            # jupyter_client wrote the connection file as the grader, readable by it alone.
-            os.chown(self._connection_file, self.user.uid, self.user.gid)
-            self.user.become()
+        self.sandbox = read_status(self.cwd)
 
     def shutdown(self) -> None:
         if self.kc is not None:
@@ -109,7 +92,19 @@ class StudentKernel:
                 self.km.shutdown_kernel(now=True)
             finally:
                 self._kill_group()
+                self._remove_control_groups()
         self.km = self.kc = None
+
+    def _remove_control_groups(self) -> None:
+        """A group can go once the processes in it are reaped: give them a moment."""
+        groups = self.sandbox.get("control_group")
+        if not isinstance(groups, str):
+            return
+        for _ in range(50):
+            remove_control_groups(groups)
+            if not any(os.path.exists(g) for g in groups.split(",")):
+                return
+            time.sleep(0.1)
 
     def _kill_group(self) -> None:
         """Kill what the kernel left behind: every process of its session."""

@@ -76,7 +76,7 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome]) -> list[dict]:
 def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None, seconds: float,
                   extra: dict, problem: str = "") -> dict:
     tests = score_tests(lab, outcomes)
-    lines = [problem] if problem else []
+    lines = [line for line in (problem, extra.get("note", "")) if line]
     if log is not None:
         lines += [f"Your notebook's {e.describe()}\n{e.traceback}" for e in log.cell_errors]
         if log.restarts:

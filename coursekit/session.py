@@ -19,6 +19,7 @@ from typing import Any
 from coursekit import wire
 from coursekit.kernel import Execution, KernelDied, KernelTimeout, StudentKernel
 from coursekit.notebook import Cell
+from coursekit.sandbox import describe
 
 MAX_RESTARTS = 3
 _RUNTIME_BOOT = "import coursekit.runtime as _ck_rt; _ck_rt.install(get_ipython()); del _ck_rt"
@@ -56,8 +57,10 @@ class SessionLog:
 
 class GradingSession:
     def __init__(self, cells: list[Cell], workdir: Path, env: dict[str, str], submission_seconds: float,
-                 kernel_options: dict | None = None):
+                 kernel_options: dict | None = None, cell_seconds: float | None = None):
         self.cells = cells
+        self.cell_seconds = cell_seconds or submission_seconds
+        self.skipped: set[int] = set()  # cells interrupted at their limit: not run again after a restart
         self.workdir = workdir
         self.env = env
         self.kernel_options = kernel_options or {}  # limits and user, for StudentKernel
@@ -69,6 +72,7 @@ class GradingSession:
         self.exec_to_cell: dict[int, Cell] = {}
         self.log = SessionLog()
         self.broken: str | None = None  # why grading cannot go on, once it cannot
+        self.sandbox = "the student's process never started"
 
     # -- deadlines ------------------------------------------------------------------
 
@@ -112,15 +116,27 @@ class GradingSession:
             self.broken = f"your notebook's process could not be started: {exc}"
             raise StudentCrashed(self.broken) from None
         self.kernel = kernel
+        self.sandbox = describe(kernel.sandbox)
         first_run = self.generation == 1
         for cell in self.cells:
+            if cell.number in self.skipped:
+                continue
             budget = self.submission_deadline - time.monotonic()
             if budget <= 0:
                 self.broken = "the submission's time limit ran out while its cells were running"
                 raise StudentCrashed(self.broken)
             try:
-                result = kernel.execute(cell.source, timeout=budget, store_history=True)
+                result = kernel.execute(cell.source, timeout=min(budget, self.cell_seconds), store_history=True)
             except KernelTimeout:
+                if budget > self.cell_seconds and kernel.is_alive():
+                    # Interrupted at the cell's own limit and the kernel is still sound:
+                    # the rest of the notebook can still be graded.
+                    self.skipped.add(cell.number)
+                    self.log.cell_errors.append(CellError(
+                        cell, "TimeoutError", f"the cell ran past its limit of {self.cell_seconds:g} s and was "
+                        "stopped; make sure no cell loops forever or trains for long (tag such a cell "
+                        "'training')", ""))
+                    continue
                 self.broken = (f"cell #{cell.number} ({cell.first_line!r}) was still running when the "
                                 "submission's time limit ran out; make sure no cell loops forever")
                 raise StudentCrashed(self.broken) from None
@@ -202,6 +218,7 @@ def student_environment(data_dir: Path, workdir: Path) -> dict[str, str]:
         "MPLBACKEND": "Agg",
         "COURSE_DATA_DIR": str(data_dir),
         "HOME": str(workdir),
+        "TMPDIR": str(workdir),  # the rest of the file system is read-only to the student
         "MPLCONFIGDIR": str(workdir / ".matplotlib"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

@@ -22,11 +22,13 @@ from coursekit.notebook import SubmissionError, graded_cells, read_notebook
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
-from coursekit.isolation import protect, student_isolation
+from coursekit.isolation import protect, sandbox_plan, student_isolation
 from coursekit.session import GradingSession, make_workdir, student_environment
 
 
-def grade(course: Course, lab: Lab, notebook: Path, extra: dict) -> dict:
+def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[Path] = ()) -> dict:
+    """`private`: folders the student must not see besides the hidden suites (the
+    results, the other submissions)."""
     started = time.monotonic()
     try:
         nb = read_notebook(notebook)
@@ -34,18 +36,18 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict) -> dict:
         return failed_results(lab, str(exc), time.monotonic() - started, extra)
     workdir = make_workdir()
     device = course.resolved_device()
-    isolation = student_isolation()
+    isolation = student_isolation(course.root)
     if isolation.user is not None:
         isolation.user.give(workdir)
         protect(course.root / "autograder")
-    extra = {**extra, "student_user": isolation.description}
-    kernel_options = {
-        "memory_bytes": int(lab.limits.memory_mb * 2**20) if device == "cpu" else None,
-        "max_processes": lab.limits.processes,
-        "user": isolation.user,
-    }
+    memory = int(lab.limits.memory_mb * 2**20)
+    # An address-space cap is how a bare machine bounds memory; CUDA reserves far more
+    # address space than it uses, so on a GPU the control group (or container) does it.
+    plan = sandbox_plan(workdir, course.root, [course.root / "autograder", *private], user=isolation.user,
+                        address_space_bytes=memory if device == "cpu" else None, memory_bytes=memory,
+                        max_processes=lab.limits.processes)
     session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data", workdir),
-                             lab.limits.submission_seconds, kernel_options)
+                             lab.limits.submission_seconds, {"plan": plan}, lab.limits.cell_seconds)
     plugin = GradingPlugin(lab, session, device)
     ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
     ini.write_text("[pytest]\n")
@@ -58,7 +60,14 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(ini.parent, ignore_errors=True)
     problem = f"Grading stopped early: {session.broken}" if session.broken else ""
+    extra = {**extra, "student_user": isolation.description, "sandbox": session.sandbox}
     return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem)
+
+
+def submissions_root(notebook: Path) -> Path:
+    """The folder of this submission and its neighbours: an nbgrader tree's
+    submitted/, or the notebook's own folder."""
+    return next((p for p in notebook.parents if p.name == "submitted"), notebook.parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     course = load_course(args.course)
     lab = course.lab(args.lab)
-    results = grade(course, lab, Path(args.notebook), json.loads(args.extra))
+    notebook, out = Path(args.notebook).resolve(), Path(args.out).resolve()
+    results = grade(course, lab, notebook, json.loads(args.extra), private=[out.parent, submissions_root(notebook)])
     save_submission(Path(args.out), lab, results)
     return 0
 

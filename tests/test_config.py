@@ -52,6 +52,9 @@ def test_a_valid_file_gives_points_limits_and_visibility(tmp_path):
     (lambda d: d["labs"].append(dict(d["labs"][0])), "labs[1].id: 'l1' is used twice"),
     (lambda d: d["labs"][0].update(points=3), "labs[0]: unknown key 'points'"),
     (lambda d: d.update(labs=[]), "labs: expected a non-empty list"),
+    (lambda d: d["defaults"]["limits"].update(cpus=0), "defaults.limits.cpus: expected a positive number"),
+    (lambda d: d["labs"][0].update(limits={"gpus": -1}), "labs[0].limits.gpus: expected a number >= 0"),
+    (lambda d: d["image"].update(grader=""), "image.grader: expected a non-empty string"),
 ])
 def test_errors_name_the_key(tmp_path, edit, message):
     data = _valid()
@@ -59,6 +62,21 @@ def test_errors_name_the_key(tmp_path, edit, message):
     with pytest.raises(ConfigError) as error:
         load_course(_write(tmp_path, data))
     assert message in str(error.value)
+
+
+def test_resources_and_grader_image_have_defaults(tmp_path):
+    course = load_course(_write(tmp_path, _valid()))
+    assert (course.lab("l1").limits.cpus, course.lab("l1").limits.gpus) == (1, 0)
+    assert course.image_grader == "nlp-course/grader"
+    data = _valid()
+    data.update(device="cuda", image={"base": "img", "grader": "me/grader:2"})
+    data["labs"][0]["limits"] = {"cpus": 2.5}
+    course = load_course(_write(tmp_path, data))
+    # Grading on CUDA asks for a GPU per submission; a lab's cpus overrides the default.
+    assert (course.lab("l1").limits.cpus, course.lab("l1").limits.gpus) == (2.5, 1)
+    assert course.image_grader == "me/grader:2"
+    data["defaults"]["limits"]["gpus"] = 0.5  # Ray shares a GPU between tasks by fractions
+    assert load_course(_write(tmp_path, data)).lab("l1").limits.gpus == 0.5
 
 
 def test_unknown_lab_lists_the_known_ones(tmp_path):
