@@ -73,3 +73,17 @@ def graded_cells(nb: nbformat.NotebookNode) -> list[Cell]:
 def notebook_lab(nb: nbformat.NotebookNode) -> str | None:
     lab = nb.get("metadata", {}).get("course", {}).get("lab")
     return lab if isinstance(lab, str) else None
+
+
+def lab_hints(source: Path, release: Path) -> dict[str, str]:
+    """Hints the instructor wrote for students, per hidden test function, in the
+    source notebook's metadata (course.hints); nbgrader carries them into the
+    release, which is what a grader image ships."""
+    for path in (source, release):
+        try:
+            hints = read_notebook(path).metadata.get("course", {}).get("hints", {})
+        except (SubmissionError, OSError):
+            continue
+        if isinstance(hints, dict):
+            return {str(k): str(v) for k, v in hints.items()}
+    return {}

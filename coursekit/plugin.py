@@ -11,6 +11,7 @@ import pytest
 from coursekit import wire
 from coursekit.config import Lab
 from coursekit.proxy import MissingName, Student, StudentError
+from coursekit.runtime import full_float32
 from coursekit.session import GradingSession, StudentCrashed, StudentTimeout
 
 
@@ -36,6 +37,7 @@ class GradingPlugin:
 
     def pytest_configure(self, config: pytest.Config) -> None:
         config.stash[PLUGIN_KEY] = self
+        full_float32()  # the oracles, like the student's code
 
     # -- time limits ----------------------------------------------------------------
 

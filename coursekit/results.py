@@ -49,8 +49,9 @@ def read_results(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def score_tests(lab: Lab, outcomes: list[CaseOutcome]) -> list[dict]:
-    """One Gradescope test per test function; its cases share its points."""
+def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | None = None) -> list[dict]:
+    """One Gradescope test per test function; its cases share its points. A failed
+    test gets the instructor's hint for it, if the source notebook has one."""
     tests = []
     for name, spec in lab.tests.items():
         cases = [o for o in outcomes if o.function == name]
@@ -62,6 +63,8 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome]) -> list[dict]:
         output = f"{passed}/{len(cases)} cases passed" if len(cases) > 1 else ""
         if failures:
             output = "\n".join([output, *failures]).strip()
+            if (hints or {}).get(name):
+                output += f"\nHint: {hints[name]}"
         tests.append({
             "name": name,
             "score": round(score, 4),
@@ -74,8 +77,8 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome]) -> list[dict]:
 
 
 def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None, seconds: float,
-                  extra: dict, problem: str = "") -> dict:
-    tests = score_tests(lab, outcomes)
+                  extra: dict, problem: str = "", hints: dict[str, str] | None = None) -> dict:
+    tests = score_tests(lab, outcomes, hints)
     lines = [line for line in (problem, extra.get("note", "")) if line]
     if log is not None:
         lines += [f"Your notebook's {e.describe()}\n{e.traceback}" for e in log.cell_errors]

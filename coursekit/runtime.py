@@ -198,9 +198,22 @@ class CappedStream:
         return getattr(self._stream, name)
 
 
+def full_float32() -> None:
+    """Grading compares float32 results with float64 oracles at tolerances a
+    correct float32 implementation meets; TF32 matrix products (on by default in
+    NGC images through TORCH_ALLOW_TF32_CUBLAS_OVERRIDE) move them by ~1e-3. So
+    both sides of grading turn TF32 off rather than loosening every tolerance."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def install(shell, output_cap: int = 1 << 20) -> Runtime:
     import sys
 
+    full_float32()
     runtime = Runtime(shell)
     globals()["current"] = runtime
     sys.stdout = CappedStream(sys.stdout, output_cap)

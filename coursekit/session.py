@@ -211,7 +211,7 @@ def student_environment(data_dir: Path, workdir: Path) -> dict[str, str]:
     """The student's process gets a minimal environment: nothing of the grader's
     beyond what Python and the libraries need to start, and a home of its own."""
     keep = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-            "LD_LIBRARY_PATH", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "OMP_NUM_THREADS")
+            "LD_LIBRARY_PATH", "OMP_NUM_THREADS")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update({
         "PYTHONUNBUFFERED": "1",
@@ -223,6 +223,9 @@ def student_environment(data_dir: Path, workdir: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # No TF32 in the student's process either (coursekit.runtime.full_float32).
+        "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "0",
+        "NVIDIA_TF32_OVERRIDE": "0",
     })
     return env
 

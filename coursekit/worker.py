@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coursekit.config import Course, Lab, load_course
-from coursekit.notebook import SubmissionError, graded_cells, read_notebook
+from coursekit.notebook import SubmissionError, graded_cells, lab_hints, read_notebook
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
@@ -61,7 +61,8 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
         shutil.rmtree(ini.parent, ignore_errors=True)
     problem = f"Grading stopped early: {session.broken}" if session.broken else ""
     extra = {**extra, "student_user": isolation.description, "sandbox": session.sandbox}
-    return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem)
+    hints = lab_hints(lab.notebook_in("source"), lab.notebook_in("release"))
+    return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem, hints)
 
 
 def submissions_root(notebook: Path) -> Path:

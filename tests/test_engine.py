@@ -49,6 +49,12 @@ def test_correct_functions_score_and_broken_ones_do_not(graded_toy):
     assert results["score"] == 6
 
 
+def test_a_failed_test_shows_the_source_notebooks_hint(graded_toy):
+    _, results, _ = graded_toy
+    assert "Hint: slow() must return 1 without looping forever." in _test(results, "test_slow_function")["output"]
+    assert "Hint:" not in _test(results, "test_double")["output"]  # passed: no hint needed
+
+
 def test_a_hang_fails_only_its_test(graded_toy):
     _, results, _ = graded_toy
     slow = _test(results, "test_slow_function")

@@ -33,6 +33,20 @@ def test_the_student_process_has_its_own_environment(session):
     assert not any(k.startswith(("PYTEST", "COURSE_YAML")) for k in env)
 
 
+def test_tf32_is_off_in_the_student_process_whatever_the_image_says(monkeypatch):
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")  # as NGC images may set it
+    workdir = make_workdir()
+    s = GradingSession([Cell(1, "import torch")], workdir, student_environment(Path("data"), workdir), 300)
+    try:
+        student = Student(s)
+        env = student.lib("os.environ.copy")()
+        assert env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "0" and env["NVIDIA_TF32_OVERRIDE"] == "0"
+        assert student.lib("torch.get_float32_matmul_precision")() == "highest"
+        assert student.lib("torch.backends.cudnn").allow_tf32 is False
+    finally:
+        s.close()
+
+
 def test_handles_keep_identity_and_die_with_a_restart(session):
     student = Student(session)
     linear = student.lib("torch.nn.Linear")(2, 2)
