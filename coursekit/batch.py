@@ -28,12 +28,17 @@ from coursekit.runners import Job, LocalRunner, Runner
 
 @dataclass
 class Submission:
-    name: str           # the student (nbgrader tree) or the notebook's name: the folder under --out
+    name: str           # its folder under --out: <student>/<lab> in an nbgrader tree, else the notebook's name
     notebook: Path | None
     lab: Lab | None
     problem: str = ""   # why it cannot be graded (no lab, no notebook)
     in_nbgrader_tree: bool = False
     note: str = ""      # graded, but the student should know (zip entries that were refused)
+
+    @property
+    def student(self) -> str:
+        """The student's id, as nbgrader's gradebook and grades.csv know it."""
+        return self.name.split("/")[0]
 
 
 def discover(course: Course, paths: list[Path], lab_id: str | None, unpack_dir: Path | None = None) -> list[Submission]:
@@ -86,7 +91,7 @@ def _empty_nbgrader_folders(course: Course, root: Path) -> list[tuple[str, str, 
         for folder in sorted(submitted.glob("*/*")):
             if folder.is_dir() and folder.name in course.labs and not any(folder.glob("*.ipynb")):
                 expected = course.labs[folder.name].notebook
-                missing.append((folder.parent.name, folder.name,
+                missing.append((f"{folder.parent.name}/{folder.name}", folder.name,
                                 f"no notebook was found in {folder}: the lab expects {expected}; "
                                 "submit the notebook itself (not a copy under another extension)"))
     return missing
@@ -114,7 +119,7 @@ def _name_and_lab(course: Course, base: Path, notebook: Path) -> tuple[str, str 
     the lab; any other layout is named by the notebook's path under the folder given."""
     parts = notebook.parts
     if len(parts) >= 4 and parts[-2] in course.labs and "submitted" in parts[:-3]:
-        return parts[-3], parts[-2]
+        return f"{parts[-3]}/{parts[-2]}", parts[-2]
     relative = notebook.relative_to(base).with_suffix("")
     return "__".join(relative.parts), None
 
@@ -192,14 +197,14 @@ def _record_in_nbgrader(course: Course, submissions: list[Submission], out: Path
         for sub in submissions:
             results = read_results(out / sub.name / RESULTS_FILE)
             if results is not None:
-                record(course, sub.lab, book, sub.name, sub.notebook, results)
+                record(course, sub.lab, book, sub.student, sub.notebook, results)
 
 
 def _grade_one(runner: Runner, course: Course, sub: Submission, key: str, out: Path, threads: int) -> dict:
     """Run the worker; whatever happens to it, the submission ends with results."""
     folder = out / sub.name
     folder.mkdir(parents=True, exist_ok=True)
-    extra = {"key": key, "student": sub.name, "notebook": str(sub.notebook), "note": sub.note}
+    extra = {"key": key, "student": sub.student, "notebook": str(sub.notebook), "note": sub.note}
     started = time.monotonic()
     results_path = folder / RESULTS_FILE
     results_path.unlink(missing_ok=True)
@@ -220,7 +225,7 @@ def _ungradable(sub: Submission, out: Path) -> dict | None:
     """A zero with the reason, in the student's feedback when the lab is known."""
     if sub.lab is None:
         return None
-    results = failed_results(sub.lab, sub.problem, 0.0, {"student": sub.name})
+    results = failed_results(sub.lab, sub.problem, 0.0, {"student": sub.student})
     save_submission(out / sub.name, sub.lab, results)
     return results
 
@@ -230,7 +235,7 @@ def _row(sub: Submission, results: dict | None, problem: str = "") -> dict:
     score = (results or {}).get("score", 0.0)
     max_score = extra.get("max_score", sub.lab.max_score if sub.lab else 0.0)
     problem = problem or str(extra.get("problem", ""))
-    return {"student": sub.name, "lab": sub.lab.id if sub.lab else "", "score": score, "max_score": max_score,
+    return {"student": sub.student, "lab": sub.lab.id if sub.lab else "", "score": score, "max_score": max_score,
             "percent": round(100 * score / max_score, 1) if max_score else 0.0, "problem": problem}
 
 

@@ -67,6 +67,7 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | N
                 output += f"\nHint: {hints[name]}"
         tests.append({
             "name": name,
+            "extra_data": {"seconds": round(sum(o.seconds for o in cases), 3)},
             "score": round(score, 4),
             "max_score": spec.points,
             "status": "passed" if cases and passed == len(cases) else "failed",
@@ -85,13 +86,19 @@ def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None,
         if log.restarts:
             lines.append(f"Your notebook's process was restarted {log.restarts} time(s) after it hung or crashed.")
     unscored = sorted({o.function for o in outcomes} - set(lab.tests))
+    tests_seconds = sum(o.seconds for o in outcomes)
+    timing = {"total": round(seconds, 2)}
+    if log is not None:
+        # Tests wait for the kernel's start and the notebook's run: count those once, as their own.
+        timing.update(startup=round(log.startup_seconds, 2), notebook=round(log.notebook_seconds, 2),
+                      tests=round(max(tests_seconds - log.wait_seconds, 0.0), 2))
     return {
         "score": round(sum(t["score"] for t in tests), 4),
         "execution_time": round(seconds, 2),
         "output": "\n\n".join(lines),
         "tests": tests,
         "extra_data": {"lab": lab.id, "max_score": lab.max_score, "unscored_tests": unscored,
-                       "problem": problem, **extra},
+                       "problem": problem, "seconds": timing, **extra},
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ class CellError:
 class SessionLog:
     cell_errors: list[CellError] = field(default_factory=list)
     restarts: int = 0
+    startup_seconds: float = 0.0    # starting the kernel and loading the runtime, every (re)start
+    notebook_seconds: float = 0.0   # running the notebook's cells, every (re)start
+    wait_seconds: float = 0.0       # what tests spent waiting for the kernel to be ready
 
 
 class GradingSession:
@@ -73,6 +77,7 @@ class GradingSession:
         self.log = SessionLog()
         self.broken: str | None = None  # why grading cannot go on, once it cannot
         self.sandbox = "the student's process never started"
+        self._early: threading.Thread | None = None
 
     # -- deadlines ------------------------------------------------------------------
 
@@ -85,7 +90,32 @@ class GradingSession:
 
     # -- lifecycle ------------------------------------------------------------------
 
+    def start_early(self) -> None:
+        """Start the kernel and run the notebook in the background, while the grader
+        imports the suite and builds its oracles: the two overlap instead of adding."""
+        def start() -> None:
+            try:
+                self._ensure_running()
+            except StudentCrashed:
+                pass  # self.broken says why; the first request raises it
+        self._early = threading.Thread(target=start, name="student-kernel-start", daemon=True)
+        self._early.start()
+
     def ensure_running(self) -> None:
+        began = time.monotonic()
+        try:
+            if self._early is not None:
+                self._early.join()
+                self._early = None
+            self._ensure_running()
+        finally:
+            waited = time.monotonic() - began
+            self.log.wait_seconds += waited
+            # Starting the kernel and re-running the notebook is not the time of the test in flight.
+            if self.test_deadline is not None:
+                self.test_deadline += waited
+
+    def _ensure_running(self) -> None:
         if self.broken:
             raise StudentCrashed(self.broken)
         if self.kernel is not None and self.kernel.is_alive():
@@ -97,16 +127,11 @@ class GradingSession:
                 self.broken = (f"your notebook's process was restarted {MAX_RESTARTS} times "
                                 "(it hung or crashed each time); the remaining tests were not run")
                 raise StudentCrashed(self.broken)
-        began = time.monotonic()
-        try:
-            self._start()
-        finally:
-            # Re-running the notebook is not the time of the test in flight.
-            if self.test_deadline is not None:
-                self.test_deadline += time.monotonic() - began
+        self._start()
 
     def _start(self) -> None:
         self.generation += 1
+        began = time.monotonic()
         kernel = StudentKernel(str(self.workdir), self.env, **self.kernel_options)
         try:
             kernel.start()
@@ -115,6 +140,15 @@ class GradingSession:
             kernel.shutdown()
             self.broken = f"your notebook's process could not be started: {exc}"
             raise StudentCrashed(self.broken) from None
+        finally:
+            self.log.startup_seconds += time.monotonic() - began
+        began = time.monotonic()
+        try:
+            self._run_cells(kernel)
+        finally:
+            self.log.notebook_seconds += time.monotonic() - began
+
+    def _run_cells(self, kernel: StudentKernel) -> None:
         self.kernel = kernel
         self.sandbox = describe(kernel.sandbox)
         first_run = self.generation == 1
@@ -156,6 +190,8 @@ class GradingSession:
                           self.annotate(result.traceback)[-6000:]))
 
     def close(self) -> None:
+        if self._early is not None:
+            self._early.join()
         if self.kernel is not None:
             self.kernel.shutdown()
             self.kernel = None

@@ -48,6 +48,7 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
                         max_processes=lab.limits.processes)
     session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data", workdir),
                              lab.limits.submission_seconds, {"plan": plan}, lab.limits.cell_seconds)
+    session.start_early()
     plugin = GradingPlugin(lab, session, device)
     ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
     ini.write_text("[pytest]\n")

@@ -134,13 +134,13 @@ def test_hundreds_of_megabytes_of_outputs_are_graded_and_an_oversized_file_is_re
 def test_an_nbgrader_folder_without_its_notebook_gets_a_zero_and_feedback(broken_batch):
     _, out, rows = broken_batch
     assert rows["carol"]["score"] == 0 and "no notebook was found" in rows["carol"]["problem"]
-    assert "toy.ipynb" in (out / "carol" / FEEDBACK_FILE).read_text()
+    assert "toy.ipynb" in (out / "carol" / "toy" / FEEDBACK_FILE).read_text()
 
 
 def test_another_labs_notebook_is_graded_as_the_lab_it_was_submitted_for(broken_batch):
     _, out, rows = broken_batch
     assert rows["dave"]["lab"] == "toy" and rows["dave"]["score"] == HONEST_SCORE
-    assert "says it belongs to lab 'hostile'" in _results(out, "dave")["output"]
+    assert "says it belongs to lab 'hostile'" in _results(out, "dave/toy")["output"]
 
 
 def test_a_zip_that_lies_about_its_sizes_is_cut_off(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ def _nbgrader_course(tmp_path):
     written.metadata["nbgrader"] = {"grade": True, "solution": True, "locked": False, "points": 2,
                                     "grade_id": "written", "schema_version": 3}
     nb.cells.append(written)
-    (root / "source" / "toy").mkdir(parents=True)
+    (root / "source" / "toy").mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, root / "source" / "toy" / "toy.ipynb")
     for student, stamp in (("alice", "2026-01-01 11:00:00 UTC"), ("bob", "2026-01-02 12:00:00 UTC")):
         folder = root / "submitted" / student / "toy"
@@ -38,7 +38,8 @@ def _nbgrader_course(tmp_path):
 def test_scores_timestamps_and_manual_cells_reach_nbgrader(tmp_path):
     course = _nbgrader_course(tmp_path)
     subs = discover(course, [course.root / "submitted"], None)
-    assert sorted(s.name for s in subs) == ["alice", "bob"]
+    assert sorted(s.name for s in subs) == ["alice/toy", "bob/toy"]  # one folder per student and lab
+    assert sorted(s.student for s in subs) == ["alice", "bob"]
     grade_batch(course, subs, tmp_path / "out", progress=False, gradebook=True)
     with open_gradebook(course) as book:
         assignment = book.find_assignment("toy")
