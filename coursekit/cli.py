@@ -24,6 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--force", action="store_true", help="regrade submissions already graded unchanged")
     grade.add_argument("--gradebook", action="store_true",
                        help="also record the scores of an nbgrader submitted/ tree in nbgrader's gradebook.db")
+    grade.add_argument("--backend", choices=("local", "docker", "ray"), default="local",
+                       help="where each submission's grader runs: a process here, a fresh grader container, "
+                            "or a task on a Ray cluster (default: %(default)s)")
+    grade.add_argument("--image", help="docker: the grader image (default: course.yaml's image.grader)")
+    grade.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                       help="ray: the cluster, e.g. 10.0.0.1:6379 or ray://10.0.0.1:10001 (default: $RAY_ADDRESS)")
+    grade.add_argument("--course-root-on-nodes", type=Path, metavar="DIR",
+                       help="ray: the course's folder (where course.yaml is) on the cluster's nodes "
+                            "(default: the same as here)")
 
     release = commands.add_parser("release", help="regenerate release/ and solutions/ from source/")
     release.add_argument("labs", nargs="*", help="lab ids (default: all)")
@@ -41,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         course = load_course(args.course)
         commands = {"grade": _grade, "release": _release, "check": _check, "gradescope": _gradescope}
         return commands[args.command](course, args)
-    except (ConfigError, FileNotFoundError, ReleaseError) as exc:
+    # ConnectionError: a Ray cluster that cannot be reached.
+    except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
 
@@ -53,15 +63,27 @@ def _labs(course, ids):
 def _grade(course, args) -> int:
     from coursekit.batch import discover, format_table, grade_batch
 
-    submissions = discover(course, args.submissions, args.lab)
+    submissions = discover(course, args.submissions, args.lab, unpack_dir=args.out / ".unpacked")
     if not submissions:
         print("course: no notebooks (*.ipynb) found in " + ", ".join(map(str, args.submissions)), file=sys.stderr)
         return 2
     rows = grade_batch(course, submissions, args.out, workers=args.workers, force=args.force,
-                       gradebook=args.gradebook)
+                       gradebook=args.gradebook, runner=_runner(course, args))
     print(format_table(rows))
     print(f"\nResults: {args.out}/<student>/results.json; gradebook: {args.out}/grades.csv")
     return 0
+
+
+def _runner(course, args):
+    from coursekit.runners import DockerRunner, LocalRunner, RayRunner
+
+    if args.backend == "docker":
+        return DockerRunner(args.image or course.image_grader)
+    if args.backend == "ray":
+        if not args.address:
+            raise ConfigError("--backend ray needs the cluster's --address (or RAY_ADDRESS)")
+        return RayRunner(args.address, args.course_root_on_nodes)
+    return LocalRunner()
 
 
 def _release(course, args) -> int:

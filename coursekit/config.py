@@ -12,9 +12,6 @@ import yaml
 DEVICE_POLICIES = ("cpu", "cuda", "auto")
 VISIBILITIES = ("visible", "hidden", "after_due_date", "after_published")
 LIMIT_KEYS = ("test_seconds", "submission_seconds", "cell_seconds", "memory_mb", "processes", "cpus", "gpus")
-# What a submission's grading asks of the machine that runs it (a container's CPU
-# quota, a Ray task's resources); optional, unlike the limits above.
-RESOURCE_KEYS = ("cpus", "gpus")
 # One notebook cell, while the notebook runs before the tests: a cell that loops at
 # import is stopped at this limit and the cells after it still run.
 DEFAULT_CELL_SECONDS = 300
@@ -176,7 +173,9 @@ class _Validator:
     def limits(self, data: Any, key: str, base: Limits | None, device: str = "auto") -> Limits:
         data = self.mapping(data if data is not None else {}, key)
         self.unknown(data, key, LIMIT_KEYS)
-        # A course that always grades on CUDA needs a GPU per submission unless it says otherwise.
+        # The optional limits. cpus and gpus are what a submission asks of the machine that
+        # grades it (a container's CPU quota, a Ray task's resources): a course that always
+        # grades on CUDA needs a GPU per submission unless it says otherwise.
         values = {"cpus": 1, "gpus": 1 if device == "cuda" else 0, "cell_seconds": DEFAULT_CELL_SECONDS}
         for name in LIMIT_KEYS:
             if name in data:
