@@ -173,14 +173,20 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
 
     bar = tqdm(total=len(todo), desc="grading", unit="nb", disable=not progress, file=sys.stderr)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(_grade_one, runner, course, sub, key, out, threads): sub for sub, key in todo}
-        for future in as_completed(futures):
-            sub = futures[future]
-            rows[sub.name] = _row(sub, future.result())
-            bar.update(1)
-            bar.set_postfix_str(sub.name[:30])
-    bar.close()
+    if hasattr(runner, "expect"):
+        runner.expect(len(todo))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {pool.submit(_grade_one, runner, course, sub, key, out, threads): sub for sub, key in todo}
+            for future in as_completed(futures):
+                sub = futures[future]
+                rows[sub.name] = _row(sub, future.result())
+                bar.update(1)
+                bar.set_postfix_str(sub.name[:30])
+    finally:
+        bar.close()
+        if hasattr(runner, "close"):
+            runner.close()
     ordered = [rows[s.name] for s in submissions]
     write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
     if gradebook:
@@ -214,9 +220,10 @@ def _grade_one(runner: Runner, course: Course, sub: Submission, key: str, out: P
         problem = f"the grading backend failed: {type(exc).__name__}: {exc}"
     results = read_results(results_path)
     if results is None:
+        # Without its key: the grader failed, not the submission, so a rerun tries again.
         results = failed_results(sub.lab, f"Grading failed: {problem or 'no results were written'}. "
                                  f"The instructor can see {folder / 'grader.log'}.",
-                                 time.monotonic() - started, extra)
+                                 time.monotonic() - started, {k: v for k, v in extra.items() if k != "key"})
         save_submission(folder, sub.lab, results)
     return results
 

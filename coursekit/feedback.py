@@ -3,7 +3,9 @@
 It is built from results.json alone, which already holds only what a student may
 read (messages written for them, never test source or expected values), and it
 shows each test as its visibility allows: `hidden` tests never, `after_due_date`
-ones only once the lab's due date has passed.
+ones only once the lab's due date has passed, `after_published` ones only once the
+instructor publishes grades (a page rendered at grading time is before that; Gradescope
+shows them itself from results.json).
 """
 from __future__ import annotations
 
@@ -20,17 +22,20 @@ pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap;word-break:break-word;m
 """
 
 
-def shown(visibility: str, due: dt.datetime | None, now: dt.datetime) -> bool:
+def shown(visibility: str, due: dt.datetime | None, now: dt.datetime, published: bool = False) -> bool:
     if visibility == "hidden":
         return False
     if visibility == "after_due_date":
         return due is not None and now >= due
+    if visibility == "after_published":
+        return published
     return True
 
 
-def render(results: dict, title: str, due: dt.datetime | None = None, now: dt.datetime | None = None) -> str:
+def render(results: dict, title: str, due: dt.datetime | None = None, now: dt.datetime | None = None,
+           published: bool = False) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
-    tests = [t for t in results.get("tests", []) if shown(t.get("visibility", "visible"), due, now)]
+    tests = [t for t in results.get("tests", []) if shown(t.get("visibility", "visible"), due, now, published)]
     withheld = len(results.get("tests", [])) - len(tests)
     score = sum(t["score"] for t in tests)
     max_score = sum(t["max_score"] for t in tests)

@@ -29,3 +29,10 @@ def test_student_text_is_escaped():
 def test_hidden_tests_are_never_shown():
     page = render(_results("hidden"), "Lab", due=NOW - dt.timedelta(days=1), now=NOW)
     assert "test_two" not in page
+
+
+def test_after_published_waits_for_the_grades_to_be_published():
+    graded = render(_results("after_published"), "Lab", due=NOW - dt.timedelta(days=1), now=NOW)
+    published = render(_results("after_published"), "Lab", now=NOW, published=True)
+    assert "test_two" not in graded and "when grades are published" in graded
+    assert "test_two" in published

@@ -1,0 +1,157 @@
+"""Grading throughput: `course grade` against `nbgrader autograde`, on one machine, in one run.
+
+    .venv/bin/python bench/throughput.py [--labs 01_attention 04_bpe_tokenizer] [--workers 1]
+
+The batch: for every lab, its reference solution (source/), its stub (release/) and a
+partly wrong notebook (the lab's first mutant from tests/mutants), laid out as an
+nbgrader submitted/ tree. `course grade` grades it with the hidden suites;
+`nbgrader autograde` grades the same notebooks in a scratch nbgrader course. Both
+skip the cells tagged demo/training (nbgrader would otherwise run the labs' training
+loops), so both run the same student code; nbgrader has no hidden suites to run, so
+its figure is the cost of executing each notebook once: a lower bound for any
+nbgrader grading of these labs.
+
+Printed: seconds per submission for each, batch throughput and their ratio, and
+where a submission's time goes in `course grade`: the engine's own overhead (worker
+start, imports, kernel start, transfers) against the notebook's cells and the
+tests' own compute (from each results.json's extra_data.seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coursekit.config import load_course  # noqa: E402
+from coursekit.notebook import SKIPPED_TAGS  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def build_batch(course, labs, into: Path) -> list[tuple[str, str]]:
+    """submitted/<student>/<lab>/<notebook> for reference, stub and partly_wrong."""
+    import importlib
+
+    made = []
+    for lab in labs:
+        source = nbformat.read(lab.notebook_in("source"), as_version=4)
+        mutant = importlib.import_module(f"tests.mutants.{lab.id}").MUTANTS[0]
+        notebooks = {"reference": source, "stub": nbformat.read(lab.notebook_in("release"), as_version=4),
+                     "partly_wrong": mutant.apply(source)}
+        for student, nb in notebooks.items():
+            folder = into / "submitted" / student / lab.id
+            folder.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, folder / lab.notebook)
+            made.append((student, lab.id))
+    return made
+
+
+def run_course_grade(batch: Path, out: Path, workers: int) -> float:
+    began = time.monotonic()
+    subprocess.run([str(BIN / "course"), "grade", str(batch / "submitted"), "--out", str(out),
+                    "--workers", str(workers), "--force"], check=True, cwd=ROOT)
+    return time.monotonic() - began
+
+
+def run_nbgrader(course, labs, batch: Path, scratch: Path) -> dict[str, float]:
+    """nbgrader's own course: source/ without the skipped cells, the same submitted/ tree."""
+    scratch.mkdir(parents=True)
+    (scratch / "nbgrader_config.py").write_text(
+        "c = get_config()\n"
+        f"c.CourseDirectory.root = {str(scratch)!r}\n"
+        f"c.CourseDirectory.db_url = 'sqlite:///{scratch}/gradebook.db'\n"
+        "c.ExecutePreprocessor.timeout = 1200\n"
+        "c.Execute.timeout = 1200\n")
+    shutil.copytree(batch / "submitted", scratch / "submitted")
+    for lab in labs:
+        nb = nbformat.read(lab.notebook_in("source"), as_version=4)
+        nb.cells = [c for c in nb.cells if not set(c.get("metadata", {}).get("tags", [])) & SKIPPED_TAGS]
+        (scratch / "source" / lab.id).mkdir(parents=True)
+        nbformat.write(nb, scratch / "source" / lab.id / lab.notebook)
+        for path in (scratch / "submitted").glob(f"*/{lab.id}/{lab.notebook}"):
+            sub = nbformat.read(path, as_version=4)
+            sub.cells = [c for c in sub.cells if not set(c.get("metadata", {}).get("tags", [])) & SKIPPED_TAGS]
+            nbformat.write(sub, path)
+    # nbgrader runs alembic by name to create its database.
+    env = {**os.environ, "COURSE_DATA_DIR": str(course.root / "data"), "MPLBACKEND": "Agg",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    seconds = {}
+    for lab in labs:
+        _nbgrader(["generate_assignment", lab.id, "--force"], scratch, env)
+        began = time.monotonic()
+        _nbgrader(["autograde", lab.id, "--force"], scratch, env)
+        seconds[lab.id] = time.monotonic() - began
+    return seconds
+
+
+def _nbgrader(args: list[str], cwd: Path, env: dict) -> None:
+    proc = subprocess.run([str(BIN / "nbgrader"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"nbgrader {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--labs", nargs="*", help="lab ids (default: all)")
+    parser.add_argument("--workers", type=int, default=1, help="course grade's workers (nbgrader has one)")
+    parser.add_argument("--skip-nbgrader", action="store_true")
+    args = parser.parse_args()
+    course = load_course(ROOT / "course.yaml")
+    labs = [course.lab(i) for i in args.labs] if args.labs else list(course.labs.values())
+    work = Path(tempfile.mkdtemp(prefix="course-bench-"))
+    try:
+        made = build_batch(course, labs, work / "batch")
+        print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+              f"load {os.getloadavg()[0]:.1f}; {len(made)} submissions, {len(labs)} labs, workers={args.workers}")
+        course_wall = run_course_grade(work / "batch", work / "out", args.workers)
+        nbgrader = {} if args.skip_nbgrader else run_nbgrader(course, labs, work / "batch", work / "nbgrader")
+        report(made, work / "out", course_wall, nbgrader)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(made, out: Path, course_wall: float, nbgrader: dict[str, float]) -> None:
+    print(f"\n{'submission':34} {'course':>8} {'startup':>8} {'notebook':>9} {'tests':>7} {'overhead':>9} "
+          f"{'nbgrader':>9}")
+    per_lab: dict[str, int] = {}
+    for _, lab in made:
+        per_lab[lab] = per_lab.get(lab, 0) + 1
+    overheads, totals = [], []
+    for student, lab in made:
+        results = json.loads((out / student / lab / "results.json").read_text())
+        seconds = results["extra_data"]["seconds"]
+        total = seconds["total"]
+        overhead = total - seconds.get("notebook", 0) - seconds.get("tests", 0)
+        overheads.append(overhead)
+        totals.append(total)
+        nb = f"{nbgrader[lab] / per_lab[lab]:9.1f}" if lab in nbgrader else f"{'-':>9}"
+        print(f"{student + '/' + lab:34} {total:8.1f} {seconds.get('startup', 0):8.1f} {seconds.get('notebook', 0):9.1f} "
+              f"{seconds.get('tests', 0):7.1f} {overhead:9.1f} {nb}")
+    n = len(made)
+    work = sum(totals) - sum(overheads)  # the notebooks' cells and the tests' own compute
+    print(f"\ncourse grade: {course_wall:.1f} s for {n} submissions, {60 * n / course_wall:.1f} per minute")
+    print(f"per submission: {course_wall / n:.1f} s of batch wall time, of which {work / n:.1f} s the notebook "
+          f"and the tests; engine overhead {(course_wall - work) / n:.1f} s ({sum(overheads) / n:.1f} s inside "
+          "the worker's measured time, the rest process start and imports)")
+    if nbgrader:
+        wall = sum(nbgrader.values())
+        print(f"nbgrader autograde (notebook execution only, no hidden tests): {wall:.1f} s, "
+              f"{60 * n / wall:.1f} per minute")
+        print(f"ratio course/nbgrader wall time: {course_wall / wall:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
