@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import nbformat
@@ -126,26 +127,21 @@ def main() -> int:
 def report(made, out: Path, course_wall: float, nbgrader: dict[str, float]) -> None:
     print(f"\n{'submission':34} {'course':>8} {'startup':>8} {'notebook':>9} {'tests':>7} {'overhead':>9} "
           f"{'nbgrader':>9}")
-    per_lab: dict[str, int] = {}
-    for _, lab in made:
-        per_lab[lab] = per_lab.get(lab, 0) + 1
-    overheads, totals = [], []
+    per_lab = Counter(lab for _, lab in made)
+    totals, work = [], []  # per submission: its worker's measured time, and the notebook and tests in it
     for student, lab in made:
-        results = json.loads((out / student / lab / "results.json").read_text())
-        seconds = results["extra_data"]["seconds"]
-        total = seconds["total"]
-        overhead = total - seconds.get("notebook", 0) - seconds.get("tests", 0)
-        overheads.append(overhead)
-        totals.append(total)
+        seconds = json.loads((out / student / lab / "results.json").read_text())["extra_data"]["seconds"]
+        totals.append(seconds["total"])
+        work.append(seconds.get("notebook", 0) + seconds.get("tests", 0))
         nb = f"{nbgrader[lab] / per_lab[lab]:9.1f}" if lab in nbgrader else f"{'-':>9}"
-        print(f"{student + '/' + lab:34} {total:8.1f} {seconds.get('startup', 0):8.1f} {seconds.get('notebook', 0):9.1f} "
-              f"{seconds.get('tests', 0):7.1f} {overhead:9.1f} {nb}")
+        print(f"{student + '/' + lab:34} {totals[-1]:8.1f} {seconds.get('startup', 0):8.1f} "
+              f"{seconds.get('notebook', 0):9.1f} {seconds.get('tests', 0):7.1f} {totals[-1] - work[-1]:9.1f} {nb}")
     n = len(made)
-    work = sum(totals) - sum(overheads)  # the notebooks' cells and the tests' own compute
     print(f"\ncourse grade: {course_wall:.1f} s for {n} submissions, {60 * n / course_wall:.1f} per minute")
-    print(f"per submission: {course_wall / n:.1f} s of batch wall time, of which {work / n:.1f} s the notebook "
-          f"and the tests; engine overhead {(course_wall - work) / n:.1f} s ({sum(overheads) / n:.1f} s inside "
-          "the worker's measured time, the rest process start and imports)")
+    print(f"per submission: {course_wall / n:.1f} s of batch wall time, of which {sum(work) / n:.1f} s the notebook "
+          f"and the tests; engine overhead {(course_wall - sum(work)) / n:.1f} s "
+          f"({(sum(totals) - sum(work)) / n:.1f} s inside the worker's measured time, the rest process start "
+          "and imports)")
     if nbgrader:
         wall = sum(nbgrader.values())
         print(f"nbgrader autograde (notebook execution only, no hidden tests): {wall:.1f} s, "

@@ -173,8 +173,7 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
 
     bar = tqdm(total=len(todo), desc="grading", unit="nb", disable=not progress, file=sys.stderr)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    if hasattr(runner, "expect"):
-        runner.expect(len(todo))
+    runner.expect(len(todo))
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = {pool.submit(_grade_one, runner, course, sub, key, out, threads): sub for sub, key in todo}
@@ -185,8 +184,7 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
                 bar.set_postfix_str(sub.name[:30])
     finally:
         bar.close()
-        if hasattr(runner, "close"):
-            runner.close()
+        runner.close()
     ordered = [rows[s.name] for s in submissions]
     write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
     if gradebook:

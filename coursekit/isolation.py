@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coursekit.sandbox import describe, read_status
+from coursekit.sandbox import read_status
 
 PLAN_FILE = ".sandbox-plan.json"
 
@@ -104,25 +104,29 @@ def student_isolation(course_root: Path) -> Isolation:
         return Isolation(None, f"root: the student user {name!r} does not exist (set COURSE_STUDENT_USER)")
     user = StudentUser(name, entry.pw_uid, entry.pw_gid)
     # The student's Python must run as that user inside the sandbox the kernel will get.
-    workdir = Path(tempfile.mkdtemp(prefix="course-probe-"))
-    try:
-        user.give(workdir)
-        plan = write_plan(sandbox_plan(workdir, course_root, [], user=user))
-        probe = subprocess.run([*launcher(plan), sys.executable, "-c", "import coursekit.runtime"],
-                               capture_output=True, cwd="/", timeout=120)
-        runs = probe.returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        runs = False
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    runs, _ = probe(course_root, [sys.executable, "-c", "import coursekit.runtime"], user=user)
     if not runs:
         return Isolation(None, f"root: the student user {name!r} cannot run {sys.executable} "
                                "(is the Python environment under a private directory?)")
     return Isolation(user, f"the unprivileged user {name!r}")
 
 
-def sandbox_description(workdir: Path) -> str:
-    return describe(read_status(str(workdir)))
+def probe(course_root: Path, argv: list[str], user: StudentUser | None = None, **limits) -> tuple[bool, dict]:
+    """Run `argv` once in a kernel's sandbox, in a scratch folder: whether it exited 0,
+    and what the launcher achieved (coursekit.sandbox.read_status)."""
+    workdir = Path(tempfile.mkdtemp(prefix="course-probe-"))
+    try:
+        if user is not None:
+            user.give(workdir)
+        plan = write_plan(sandbox_plan(workdir, course_root, [], user=user, **limits))
+        try:
+            runs = subprocess.run([*launcher(plan), *argv], capture_output=True, cwd="/",
+                                  timeout=120).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            runs = False
+        return runs, read_status(str(workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def protect(path: Path) -> None:

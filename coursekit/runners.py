@@ -25,7 +25,6 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from coursekit.config import ConfigError, Course, Lab, Limits, load_course
 from coursekit.results import FEEDBACK_FILE, RESULTS_FILE, write_atomic
@@ -33,6 +32,7 @@ from coursekit.results import FEEDBACK_FILE, RESULTS_FILE, write_atomic
 # Past the submission's own limit, the worker gets this long to write its results
 # before it is killed.
 WORKER_GRACE_SECONDS = 60
+WORKER_MODULE = ["-m", "coursekit.worker"]
 LOG_FILE = "grader.log"
 
 
@@ -51,23 +51,32 @@ class Job:
         return self.lab.limits.submission_seconds + WORKER_GRACE_SECONDS
 
     def worker_args(self, course_yaml: str, notebook: str, out: str) -> list[str]:
-        """The worker's arguments, with the paths as the place it runs sees them."""
-        return ["-m", "coursekit.worker", "--course", course_yaml, "--lab", self.lab.id,
-                "--notebook", notebook, "--out", out, "--extra", json.dumps(self.extra)]
+        """The worker's arguments (after WORKER_MODULE), with the paths as the place it
+        runs sees them."""
+        return ["--course", course_yaml, "--lab", self.lab.id, "--notebook", notebook, "--out", out,
+                "--extra", json.dumps(self.extra)]
 
 
-class Runner(Protocol):
+class Runner:
+    """Runs the worker of each submission the batch hands it."""
+
     def run(self, job: Job) -> str:
         """Run the worker for `job`; return "" or why it did not end normally."""
+        raise NotImplementedError
+
+    def expect(self, submissions: int) -> None:
+        """The batch is about to hand over this many submissions."""
+
+    def close(self) -> None:
+        """The batch is over (or interrupted): release what the runner holds."""
 
 
-class LocalRunner:
+class LocalRunner(Runner):
     """A fresh worker process on this machine per submission, taken from a pool of
     warm ones: each is started (interpreter, torch, transformers, the engine) while
     the submission before it is graded, then serves exactly one submission."""
 
-    def __init__(self, warm: bool = True):
-        self.warm = warm
+    def __init__(self):
         self._pool: list[subprocess.Popen] = []
         self._lock = threading.Lock()
         self._expected = 0  # submissions not yet started: no spare is warmed past them
@@ -77,7 +86,7 @@ class LocalRunner:
 
     def run(self, job: Job) -> str:
         worker = self._take(job.threads)
-        args = job.worker_args(str(job.course.path), str(job.notebook), str(job.folder))[2:]  # after -m module
+        args = job.worker_args(str(job.course.path), str(job.notebook), str(job.folder))
         try:
             worker.communicate(json.dumps({"args": args, "log": str(job.folder / LOG_FILE)}) + "\n",
                                timeout=job.timeout)
@@ -93,13 +102,13 @@ class LocalRunner:
         with self._lock:
             worker = self._pool.pop() if self._pool else self._spawn(threads)
             self._expected -= 1
-            if self.warm and self._expected > len(self._pool):
+            if self._expected > len(self._pool):
                 self._pool.append(self._spawn(threads))  # the next submission's, warming up meanwhile
         return worker
 
     @staticmethod
     def _spawn(threads: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "coursekit.worker", "--warm"], stdin=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, *WORKER_MODULE, "--warm"], stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=worker_env(threads),
                                 text=True)
 
@@ -190,7 +199,7 @@ def docker_command(job: Job, image: str, name: str, gpus: bool) -> list[str]:
         # container the same first GPUs anyway.
         command += ["--gpus", "all"]
     return [*command, "--entrypoint", "sh", image, "-c", CONTAINER_SCRIPT, "sh",
-            *job.worker_args(IMAGE_COURSE_YAML, CONTAINER_NOTEBOOK, CONTAINER_OUT)]
+            *WORKER_MODULE, *job.worker_args(IMAGE_COURSE_YAML, CONTAINER_NOTEBOOK, CONTAINER_OUT)]
 
 
 def _bind_mount(source: Path, target: str) -> str:
@@ -207,7 +216,7 @@ IMAGE_KEY_SCRIPT = ("import sys; from pathlib import Path; from coursekit.batch 
                     "print(submission_key(load_course(sys.argv[1]).lab(sys.argv[2]), Path('/dev/null')))")
 
 
-class DockerRunner:
+class DockerRunner(Runner):
     """A fresh container of the grader image per submission (docker/Dockerfile's grader target)."""
 
     def __init__(self, image: str):
@@ -291,7 +300,7 @@ def cluster_capacity(nodes: list[dict], resources: dict) -> int:
                for node in nodes if node.get("Alive"))
 
 
-class RayRunner:
+class RayRunner(Runner):
     """Each submission is a Ray task on a node with the CPUs, memory and GPUs its lab
     asks for. Nodes share no files with this machine but the course, installed at the
     same path on each (or at `course_root_on_nodes`): the task gets the notebook's bytes

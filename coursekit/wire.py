@@ -14,7 +14,6 @@ runtime inside the student's kernel does the reverse. Each side passes its own
 from __future__ import annotations
 
 import base64
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any

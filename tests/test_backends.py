@@ -72,7 +72,7 @@ def test_docker_command_isolates_the_container(toy_course, tmp_path):
     image = command.index("me/grader:1")
     assert command[image + 1:image + 4] == ["-c", runners.CONTAINER_SCRIPT, "sh"]
     in_container = (runners.IMAGE_COURSE_YAML, runners.CONTAINER_NOTEBOOK, runners.CONTAINER_OUT)
-    assert command[image + 4:] == job.worker_args(*in_container)
+    assert command[image + 4:] == [*runners.WORKER_MODULE, *job.worker_args(*in_container)]
 
 
 def test_docker_command_asks_for_gpus_only_on_cuda(toy_course, tmp_path):

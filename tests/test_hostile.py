@@ -14,7 +14,6 @@ import csv
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import uuid
@@ -25,9 +24,8 @@ import pytest
 
 from coursekit.batch import discover, grade_batch
 from coursekit.config import load_course
-from coursekit.isolation import launcher, sandbox_plan, write_plan
+from coursekit.isolation import probe, sandbox_plan
 from coursekit.results import GRADEBOOK_FILE, RESULTS_FILE
-from coursekit.sandbox import read_status
 
 from .conftest import TOY, toy_notebook
 
@@ -91,12 +89,7 @@ def hostile_cells(course_root: Path, out: Path, port: int) -> list[tuple[str, No
 
 def sandbox_contains() -> str:
     """Empty where the machine lets the grader build the sandbox; otherwise why not."""
-    import tempfile
-
-    workdir = Path(tempfile.mkdtemp(prefix="course-probe-"))
-    plan = sandbox_plan(workdir, TOY, [], max_processes=64)
-    subprocess.run([*launcher(write_plan(plan)), "/bin/true"], check=False)
-    status = read_status(str(workdir))
+    _, status = probe(TOY, ["/bin/true"], max_processes=64)
     return "" if status.get("namespaces") and status.get("control_group") else json.dumps(status)
 
 
