@@ -34,6 +34,7 @@ class Submission:
     problem: str = ""   # why it cannot be graded (no lab, no notebook)
     in_nbgrader_tree: bool = False
     note: str = ""      # graded, but the student should know (zip entries that were refused)
+    only: tuple[str, ...] = ()  # grade only these test functions (a check of one part of a suite)
 
     @property
     def student(self) -> str:
@@ -141,13 +142,15 @@ def _lab_of(course: Course, notebook: Path, tree_lab: str | None, forced: Lab | 
     return lab, note
 
 
-def submission_key(lab: Lab, notebook: Path) -> str:
+def submission_key(lab: Lab, notebook: Path, only: tuple[str, ...] = ()) -> str:
     """The content that decides a grade: the notebook, the lab's suite and its config."""
     digest = hashlib.sha256(coursekit.__version__.encode())
     digest.update(notebook.read_bytes())
     digest.update(lab.id.encode())
     digest.update(repr(sorted(lab.tests.items())).encode())
     digest.update(repr(lab.limits).encode())
+    if only:
+        digest.update(repr(sorted(only)).encode())
     for path in sorted(lab.suite_dir.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -164,7 +167,7 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
         if sub.problem:
             rows[sub.name] = _row(sub, _ungradable(sub, out), sub.problem)
             continue
-        key = submission_key(sub.lab, sub.notebook)
+        key = submission_key(sub.lab, sub.notebook, sub.only)
         previous = read_results(out / sub.name / RESULTS_FILE)
         if not force and previous and previous.get("extra_data", {}).get("key") == key:
             rows[sub.name] = _row(sub, previous)
@@ -213,7 +216,7 @@ def _grade_one(runner: Runner, course: Course, sub: Submission, key: str, out: P
     results_path = folder / RESULTS_FILE
     results_path.unlink(missing_ok=True)
     try:
-        problem = runner.run(Job(course, sub.lab, sub.notebook, folder, extra, threads))
+        problem = runner.run(Job(course, sub.lab, sub.notebook, folder, extra, threads, sub.only))
     except Exception as exc:  # a backend's failure is this submission's, never the batch's
         problem = f"the grading backend failed: {type(exc).__name__}: {exc}"
     results = read_results(results_path)

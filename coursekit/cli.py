@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from coursekit.config import ConfigError, load_course
+from coursekit.config import DEVICE_POLICIES, ConfigError, load_course
 from coursekit.release import ReleaseError
 
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--backend", choices=("local", "docker", "ray"), default="local",
                        help="where each submission's grader runs: a process here, a fresh grader container, "
                             "or a task on a Ray cluster (default: %(default)s)")
+    grade.add_argument("--device", choices=DEVICE_POLICIES,
+                       help="where graded code runs, overriding course.yaml's device policy (local and docker backends)")
+    grade.add_argument("--only", action="append", default=[], metavar="TEST",
+                       help="grade only this test function (repeatable); the others score 0 as not run")
     grade.add_argument("--image", help="docker: the grader image (default: course.yaml's image.grader)")
     grade.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                        help="ray: the cluster, e.g. 10.0.0.1:6379 or ray://10.0.0.1:10001 (default: $RAY_ADDRESS)")
@@ -63,10 +68,17 @@ def _labs(course, ids):
 def _grade(course, args) -> int:
     from coursekit.batch import discover, format_table, grade_batch
 
+    if args.device:
+        course = dataclasses.replace(course, device=args.device)
     submissions = discover(course, args.submissions, args.lab, unpack_dir=args.out / ".unpacked")
     if not submissions:
         print("course: no notebooks (*.ipynb) found in " + ", ".join(map(str, args.submissions)), file=sys.stderr)
         return 2
+    if args.only:
+        unknown = [name for name in args.only for sub in submissions if sub.lab and name not in sub.lab.tests]
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]}: no such test in the lab's suite (see course.yaml)")
+        submissions = [dataclasses.replace(sub, only=tuple(args.only)) for sub in submissions]
     rows = grade_batch(course, submissions, args.out, workers=args.workers, force=args.force,
                        gradebook=args.gradebook, runner=_runner(course, args))
     print(format_table(rows))

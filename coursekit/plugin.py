@@ -28,16 +28,26 @@ class GradingPlugin:
     """Registered with pytest.main together with this module, whose fixtures find
     the plugin of the run in the config's stash."""
 
-    def __init__(self, lab: Lab, session: GradingSession, device: str):
+    def __init__(self, lab: Lab, session: GradingSession, device: str, only: tuple[str, ...] = ()):
         self.lab = lab
         self.session = session
         self.device_name = device
+        self.only = set(only)
         self.outcomes: list[CaseOutcome] = []
+        self.environment: dict = {}
         self._started: dict[str, float] = {}
 
     def pytest_configure(self, config: pytest.Config) -> None:
         config.stash[PLUGIN_KEY] = self
         full_float32()  # the oracles, like the student's code
+        self.environment = grader_environment(self.device_name)
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if not self.only:
+            return
+        kept = [item for item in items if _function_name(item) in self.only]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
     # -- time limits ----------------------------------------------------------------
 
@@ -82,12 +92,17 @@ def student(request: pytest.FixtureRequest) -> Student:
     """The proxy to the submission's names. The kernel starts and the notebook runs
     here, in the first test's setup, so that this counts against the submission's
     time limit and not that test's."""
-    session = request.config.stash[PLUGIN_KEY].session
+    plugin = request.config.stash[PLUGIN_KEY]
     try:
-        session.ensure_running()
+        plugin.session.ensure_running()
     except StudentCrashed:
         pass  # each test then fails with the reason
-    return Student(session)
+    student = Student(plugin.session)
+    try:  # what the student's process computes with, for the record (never part of a score)
+        plugin.environment["student_tf32"] = student.lib("coursekit.runtime.tf32_state")()
+    except Exception as exc:  # noqa: BLE001  a crashed or hostile kernel must not stop grading
+        plugin.environment["student_tf32"] = f"unknown ({type(exc).__name__})"
+    return student
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +115,16 @@ def device(request: pytest.FixtureRequest) -> str:
 def lab_settings(request: pytest.FixtureRequest) -> dict:
     """The lab's `settings:` mapping in course.yaml."""
     return dict(request.config.stash[PLUGIN_KEY].lab.settings)
+
+
+def grader_environment(device: str) -> dict:
+    """The grader's side of the record: where the oracles ran, and with which numerics."""
+    import torch
+
+    from coursekit.runtime import tf32_state
+
+    return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": str(torch.__version__), "cuda": torch.version.cuda, "grader_tf32": tf32_state()}
 
 
 def _function_name(item: pytest.Item) -> str:

@@ -45,6 +45,7 @@ class Job:
     folder: Path                  # where results.json, feedback.html and grader.log must end up
     extra: dict = field(default_factory=dict)
     threads: int = 1              # OMP threads for the worker and the student's kernel
+    only: tuple[str, ...] = ()    # grade only these test functions (the others score 0, "not run")
 
     @property
     def timeout(self) -> float:
@@ -53,8 +54,9 @@ class Job:
     def worker_args(self, course_yaml: str, notebook: str, out: str) -> list[str]:
         """The worker's arguments (after WORKER_MODULE), with the paths as the place it
         runs sees them."""
-        return ["--course", course_yaml, "--lab", self.lab.id, "--notebook", notebook, "--out", out,
-                "--extra", json.dumps(self.extra)]
+        args = ["--course", course_yaml, "--lab", self.lab.id, "--notebook", notebook, "--out", out,
+                "--extra", json.dumps(self.extra), "--device", self.course.device]
+        return args + [arg for name in self.only for arg in ("--only", name)]
 
 
 class Runner:

@@ -210,6 +210,14 @@ def full_float32() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
+def tf32_state() -> dict:
+    """Whether float32 matrix products may use TF32 in this process, as plain values."""
+    import torch
+
+    return {"cublas": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32),
+            "matmul_precision": str(torch.get_float32_matmul_precision())}
+
+
 def install(shell, output_cap: int = 1 << 20) -> Runtime:
     import sys
 

@@ -8,6 +8,7 @@ writes results.json; the student's process never sees this process's memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from coursekit.config import Course, Lab, load_course
+from coursekit.config import DEVICE_POLICIES, Course, Lab, load_course
 from coursekit.notebook import SubmissionError, graded_cells, lab_hints, read_notebook
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
@@ -27,9 +28,10 @@ from coursekit.isolation import protect, sandbox_plan, student_isolation
 from coursekit.session import GradingSession, make_workdir, student_environment
 
 
-def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[Path] = ()) -> dict:
+def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[Path] = (),
+          only: tuple[str, ...] = ()) -> dict:
     """`private`: folders the student must not see besides the hidden suites (the
-    results, the other submissions)."""
+    results, the other submissions); `only`: the test functions to run (all when empty)."""
     started = time.monotonic()
     try:
         nb = read_notebook(notebook)
@@ -50,7 +52,7 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
     session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data", workdir),
                              lab.limits.submission_seconds, {"plan": plan}, lab.limits.cell_seconds)
     session.start_early()
-    plugin = GradingPlugin(lab, session, device)
+    plugin = GradingPlugin(lab, session, device, only)
     ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
     ini.write_text("[pytest]\n")
     try:
@@ -62,7 +64,10 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(ini.parent, ignore_errors=True)
     problem = f"Grading stopped early: {session.broken}" if session.broken else ""
-    extra = {**extra, "student_user": isolation.description, "sandbox": session.sandbox}
+    extra = {**extra, "student_user": isolation.description, "sandbox": session.sandbox,
+             "environment": plugin.environment}
+    if only:
+        extra["only_tests"] = sorted(only)
     hints = lab_hints(lab.notebook_in("source"), lab.notebook_in("release"))
     return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem, hints)
 
@@ -80,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebook", required=True)
     parser.add_argument("--out", required=True, help="folder for results.json")
     parser.add_argument("--extra", default="{}", help="JSON merged into results' extra_data")
+    parser.add_argument("--device", choices=DEVICE_POLICIES, help="override course.yaml's device policy")
+    parser.add_argument("--only", action="append", default=[], help="run only this test function (repeatable)")
     args = parser.parse_args(argv)
     course = load_course(args.course)
+    if args.device:
+        course = dataclasses.replace(course, device=args.device)
     lab = course.lab(args.lab)
     notebook, out = Path(args.notebook).resolve(), Path(args.out).resolve()
-    results = grade(course, lab, notebook, json.loads(args.extra), private=[out.parent, submissions_root(notebook)])
+    results = grade(course, lab, notebook, json.loads(args.extra), private=[out.parent, submissions_root(notebook)],
+                    only=tuple(args.only))
     save_submission(Path(args.out), lab, results)
     return 0
 
