@@ -107,7 +107,7 @@ EOF
         --device "$DEVICE" --workers "$WORKERS" --force $only) > "$OUT/logs/$lab.log" 2>&1; then
     say "$lab: course grade failed (see logs/$lab.log)"
   fi
-  tail -n 4 "$OUT/logs/$lab.log" | head -n 2 | tail -n 1 | sed 's/^/    /'
+  tail -n 4 "$OUT/logs/$lab.log" | head -n 2 | sed 's/^/    /'
 done
 
 # 4. The summary: one row per submission.
