@@ -1,6 +1,6 @@
 """Grading throughput: `course grade` against `nbgrader autograde`, on one machine, in one run.
 
-    .venv/bin/python bench/throughput.py [--labs 01_attention 04_bpe_tokenizer] [--workers 1]
+    .venv/bin/python bench/throughput.py [--labs 01_attention 04_bpe_tokenizer] [--workers 1 2]
 
 The batch: for every lab, its reference solution (source/), its stub (release/) and a
 partly wrong notebook (the lab's first mutant from tests/mutants), laid out as an
@@ -14,7 +14,9 @@ nbgrader grading of these labs.
 Printed: seconds per submission for each, batch throughput and their ratio, and
 where a submission's time goes in `course grade`: the engine's own overhead (worker
 start, imports, kernel start, transfers) against the notebook's cells and the
-tests' own compute (from each results.json's extra_data.seconds).
+tests' own compute (from each results.json's extra_data.seconds). Last, one line per
+lab: `LAB course_s=X [course_s_w2=Z] nbgrader_s=Y ratio=Y/X`, seconds per submission
+(ratio > 1: `course grade`, hidden suites included, is faster than nbgrader's bare run).
 """
 from __future__ import annotations
 
@@ -59,11 +61,16 @@ def build_batch(course, labs, into: Path) -> list[tuple[str, str]]:
     return made
 
 
-def run_course_grade(batch: Path, out: Path, workers: int) -> float:
-    began = time.monotonic()
-    subprocess.run([str(BIN / "course"), "grade", str(batch / "submitted"), "--out", str(out),
-                    "--workers", str(workers), "--force"], check=True, cwd=ROOT)
-    return time.monotonic() - began
+def run_course_grade(batch: Path, out: Path, workers: int, labs) -> dict[str, float]:
+    """Wall seconds of one `course grade` per lab (its reference, stub and partly wrong notebook)."""
+    seconds = {}
+    for lab in labs:
+        folders = sorted((batch / "submitted").glob(f"*/{lab.id}"))
+        began = time.monotonic()
+        subprocess.run([str(BIN / "course"), "grade", *map(str, folders), "--out", str(out),
+                        "--workers", str(workers), "--force"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        seconds[lab.id] = time.monotonic() - began
+    return seconds
 
 
 def run_nbgrader(course, labs, batch: Path, scratch: Path) -> dict[str, float]:
@@ -106,7 +113,8 @@ def _nbgrader(args: list[str], cwd: Path, env: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--labs", nargs="*", help="lab ids (default: all)")
-    parser.add_argument("--workers", type=int, default=1, help="course grade's workers (nbgrader has one)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="course grade's worker counts to measure (nbgrader has one); default: 1 2")
     parser.add_argument("--skip-nbgrader", action="store_true")
     args = parser.parse_args()
     course = load_course(ROOT / "course.yaml")
@@ -116,9 +124,20 @@ def main() -> int:
         made = build_batch(course, labs, work / "batch")
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"load {os.getloadavg()[0]:.1f}; {len(made)} submissions, {len(labs)} labs, workers={args.workers}")
-        course_wall = run_course_grade(work / "batch", work / "out", args.workers)
+        course_s = {w: run_course_grade(work / "batch", work / f"out{w}", w, labs) for w in args.workers}
         nbgrader = {} if args.skip_nbgrader else run_nbgrader(course, labs, work / "batch", work / "nbgrader")
-        report(made, work / "out", course_wall, nbgrader)
+        first = args.workers[0]
+        report(made, work / f"out{first}", sum(course_s[first].values()), nbgrader)
+        # One line per lab: seconds per submission (batch wall time / submissions), ratio > 1 = faster.
+        per_lab = Counter(lab for _, lab in made)
+        for lab in labs:
+            n = per_lab[lab.id]
+            fields = [f"course_s={course_s[first][lab.id] / n:.2f}"]
+            fields += [f"course_s_w{w}={course_s[w][lab.id] / n:.2f}" for w in args.workers[1:]]
+            if lab.id in nbgrader:
+                fields += [f"nbgrader_s={nbgrader[lab.id] / n:.2f}",
+                           f"ratio={nbgrader[lab.id] / course_s[first][lab.id]:.2f}"]
+            print(lab.id, " ".join(fields))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -4,12 +4,17 @@
 - release/ and solutions/ are what `course release` makes of source/ today;
 - release/ holds no solution code and no hidden-test text;
 - the source notebook, graded like any submission, scores full marks; the
-  release stub scores 0 and grades without the grader failing.
+  release stub scores 0 and grades without the grader failing;
+- what the source notebook needed (its slowest cell, each test) is recorded beside
+  the suite, and the lab's default cell and test limits derive from it.
 """
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import json
+import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,8 +22,9 @@ from pathlib import Path
 import nbformat
 
 from coursekit.batch import Submission, grade_batch
-from coursekit.config import Course, Lab
+from coursekit.config import TIMINGS_FILE, Course, Lab, derived_limit
 from coursekit.release import OUTPUT_FOLDERS, generate
+from coursekit.results import RESULTS_FILE, read_results, write_atomic
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # Lines this short ("return x", "pass") appear in any notebook; they prove no leak.
@@ -106,24 +112,55 @@ def check_leaks(course: Course, lab: Lab) -> list[str]:
     return problems
 
 
-def check_grades(course: Course, labs: list[Lab], workers: int) -> list[str]:
+def check_grades(course: Course, labs: list[Lab], workers: int, report=print) -> list[str]:
     subs = []
     for lab in labs:
         subs.append(Submission(f"{lab.id}__source", lab.notebook_in("source"), lab))
         subs.append(Submission(f"{lab.id}__release", lab.notebook_in("release"), lab))
+    problems = []
     with tempfile.TemporaryDirectory(prefix="course-check-grades-") as out:
         rows = grade_batch(course, [s for s in subs if s.notebook.exists()], Path(out), workers=workers)
-    problems = []
-    for row in rows:
-        lab = course.labs[row["lab"]]
-        kind = row["student"].rsplit("__", 1)[1]
-        if row["problem"]:
-            problems.append(f"{lab.id}: grading the {kind} notebook failed: {row['problem']}")
-        elif kind == "source" and float(row["score"]) != lab.max_score:
-            problems.append(f"{lab.id}: the source solution scores {row['score']} of {lab.max_score}, not full marks")
-        elif kind == "release" and float(row["score"]) != 0:
-            problems.append(f"{lab.id}: the release stub scores {row['score']}, not 0")
+        for row in rows:
+            lab = course.labs[row["lab"]]
+            kind = row["student"].rsplit("__", 1)[1]
+            if row["problem"]:
+                problems.append(f"{lab.id}: grading the {kind} notebook failed: {row['problem']}")
+            elif kind == "source" and float(row["score"]) != lab.max_score:
+                problems.append(f"{lab.id}: the source solution scores {row['score']} of {lab.max_score}, not full marks")
+            elif kind == "release" and float(row["score"]) != 0:
+                problems.append(f"{lab.id}: the release stub scores {row['score']}, not 0")
+            elif kind == "source":
+                note = record_timings(lab, read_results(Path(out) / row["student"] / RESULTS_FILE))
+                if note:
+                    report(note)
     return problems
+
+
+def record_timings(lab: Lab, results: dict | None) -> str:
+    """What the reference needs (its slowest graded cell, each test), from which the
+    lab's default cell and test limits derive (coursekit.config.derived_limit). Written
+    only when the limits it gives differ from the recorded ones: a moved limit regrades
+    every submission of the lab."""
+    if not results:
+        return ""
+    timings = {"slowest_cell_seconds": results["extra_data"]["seconds"].get("slowest_cell", 0.0),
+               "tests": {t["name"]: t["extra_data"]["seconds"] for t in results["tests"]},
+               "measured": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    path = lab.suite_dir / TIMINGS_FILE
+
+    def limits(recorded: dict) -> tuple:
+        return (derived_limit(recorded["slowest_cell_seconds"]),
+                sorted((name, derived_limit(s)) for name, s in recorded["tests"].items()))
+    try:
+        if limits(json.loads(path.read_text(encoding="utf-8"))) == limits(timings):
+            return ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    write_atomic(path, json.dumps(timings, indent=1, sort_keys=True) + "\n")
+    cell, tests = limits(timings)
+    return (f"{lab.id}: recorded what the reference needs in {path.relative_to(lab.root)}: cell limit "
+            f"{cell:g} s, test limits {min(t for _, t in tests):g}-{max(t for _, t in tests):g} s "
+            "(course.yaml's limits and timeouts override them)")
 
 
 def run_checks(course: Course, labs: list[Lab], workers: int = 1, report=print) -> list[str]:
@@ -132,5 +169,5 @@ def run_checks(course: Course, labs: list[Lab], workers: int = 1, report=print) 
         for step in (check_points, lambda lab: check_up_to_date(course, lab), lambda lab: check_leaks(course, lab)):
             problems += step(lab)
     report(f"static checks done ({len(problems)} problem(s)); grading source and release notebooks...")
-    problems += check_grades(course, labs, workers)
+    problems += check_grades(course, labs, workers, report)
     return problems

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ class Limits:
     processes: int
     cpus: float
     gpus: float
+    reference_cell_seconds: float | None = None   # the reference's slowest graded cell, measured
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class TestSpec:
     points: float
     visibility: str
     timeout: float | None = None
+    reference_seconds: float | None = None        # what the reference needs for this test, measured
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,17 @@ class Course:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+TIMINGS_FILE = "reference-timings.json"
+LIMIT_FACTOR = 20      # a derived limit is this many times what the reference needs...
+LIMIT_FLOOR = 30       # ...and never under this many seconds
+
+
+def derived_limit(seconds: float) -> float:
+    """LIMIT_FACTOR x the reference, at least LIMIT_FLOOR, rounded up to 10 s so that the
+    noise of one measurement against the next rarely moves it (a moved limit regrades)."""
+    return float(max(LIMIT_FLOOR, math.ceil(LIMIT_FACTOR * seconds / 10) * 10))
 
 
 def default_course_path() -> Path:
@@ -201,10 +216,34 @@ class _Validator:
             tests[name] = self.test(spec, f"{key}.tests.{name}", visibility)
         return Lab(
             id=lab_id, title=self.text(data.get("title"), f"{key}.title"), notebook=notebook,
-            limits=self.limits(data.get("limits"), f"{key}.limits", limits),
-            tests=tests, settings=self.mapping(data.get("settings", {}), f"{key}.settings"), root=root,
+            **self.measured(self.limits(data.get("limits"), f"{key}.limits", limits), tests, root / "autograder" / lab_id,
+                            set(data.get("limits") or {}), f"{key}"),
+            settings=self.mapping(data.get("settings", {}), f"{key}.settings"), root=root,
             due=self.when(data.get("due"), f"{key}.due"),
         )
+
+    def measured(self, limits: Limits, tests: dict[str, TestSpec], suite_dir: Path, explicit: set[str],
+                 key: str) -> dict:
+        """Limits that fit the lab: `course check` records what the reference needs
+        (TIMINGS_FILE beside the suite); a cell or test limit the lab does not set itself
+        is derived from it. Without the file, the course's defaults apply."""
+        path = suite_dir / TIMINGS_FILE
+        if not path.exists():
+            return {"limits": limits, "tests": tests}
+        try:
+            timings = json.loads(path.read_text(encoding="utf-8"))
+            cell = float(timings["slowest_cell_seconds"])
+            per_test = {str(k): float(v) for k, v in timings["tests"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{path}: not a timings file `course check` wrote ({key}); delete it and "
+                              "run `course check` again") from None
+        limits = replace(limits, reference_cell_seconds=cell,
+                         cell_seconds=limits.cell_seconds if "cell_seconds" in explicit else derived_limit(cell))
+        tests = {name: replace(spec, reference_seconds=per_test.get(name),
+                               timeout=spec.timeout or (derived_limit(per_test[name]) if name in per_test
+                                                        and "test_seconds" not in explicit else None))
+                 for name, spec in tests.items()}
+        return {"limits": limits, "tests": tests}
 
     def when(self, value: Any, key: str) -> dt.datetime | None:
         """A due date: YAML timestamps, read as UTC when they name no zone."""

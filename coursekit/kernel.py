@@ -1,8 +1,10 @@
 """The student's process: a Jupyter kernel started through jupyter_client.
 
-The grader talks to it only by sending code to execute and reading the messages
-that come back. Everything that waits on it has a deadline; a kernel that misses
-one is interrupted, and killed with its whole process group if it does not answer.
+The grader runs the notebook's cells in it by sending code to execute and reading
+the messages that come back, then starts the runtime's serve loop (the requests
+themselves go over coursekit.channel). Everything that waits on it has a deadline;
+a kernel that misses one is interrupted, and killed with its whole process group
+if it does not answer.
 """
 from __future__ import annotations
 
@@ -10,19 +12,17 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from queue import Empty
 
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec
 
 from coursekit.isolation import launcher, write_plan
-from coursekit.runtime import REPLY_MIME
 from coursekit.sandbox import read_status, remove_control_groups
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_CAPTURED_OUTPUT = 64 * 1024
-MAX_REPLY_CHARS = 1 << 30
 
 
 class KernelTimeout(Exception):
@@ -42,7 +42,6 @@ class Execution:
     traceback: str = ""
     output: str = ""                   # captured stdout/stderr, bounded
     output_dropped: int = 0
-    replies: list[str] = field(default_factory=list)
 
 
 def strip_ansi(text: str) -> str:
@@ -96,15 +95,9 @@ class StudentKernel:
         self.km = self.kc = None
 
     def _remove_control_groups(self) -> None:
-        """A group can go once the processes in it are reaped: give them a moment."""
         groups = self.sandbox.get("control_group")
-        if not isinstance(groups, str):
-            return
-        for _ in range(50):
-            remove_control_groups(groups)
-            if not any(os.path.exists(g) for g in groups.split(",")):
-                return
-            time.sleep(0.1)
+        if isinstance(groups, str):
+            remove_control_groups(groups, wait=5.0)
 
     def _kill_group(self) -> None:
         """Kill what the kernel left behind: every process of its session."""
@@ -154,10 +147,6 @@ class StudentKernel:
                 chunks.append(text[:room])
                 captured += min(len(text), max(room, 0))
                 result.output_dropped += max(len(text) - max(room, 0), 0)
-            elif kind == "display_data" and REPLY_MIME in content.get("data", {}):
-                reply = content["data"][REPLY_MIME]
-                if isinstance(reply, str) and len(reply) <= MAX_REPLY_CHARS:
-                    result.replies.append(reply)
             elif kind == "error":
                 result.status = "error"
                 result.error_name = str(content.get("ename", ""))
@@ -167,6 +156,18 @@ class StudentKernel:
                 result.execution_count = content.get("execution_count")
         result.output = strip_ansi("".join(chunks))
         return result
+
+    def submit(self, code: str) -> None:
+        """Start ``code`` without waiting for it: the runtime's serve loop, which runs
+        until the grader closes its channel."""
+        if not self.is_alive():
+            raise KernelDied("the student's process is not running")
+        self.kc.execute(code, store_history=False, allow_stdin=False, stop_on_error=False)
+
+    def interrupt(self) -> None:
+        """SIGINT to the kernel: a KeyboardInterrupt in the student's code in flight."""
+        if self.is_alive():
+            self.km.interrupt_kernel()
 
     def _recover_from_timeout(self, msg_id: str) -> None:
         """Interrupt (KeyboardInterrupt in the student's code); if the kernel does not

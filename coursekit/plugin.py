@@ -52,7 +52,8 @@ class GradingPlugin:
     # -- time limits ----------------------------------------------------------------
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        self._started[item.nodeid] = time.monotonic()
+        # A case's time is its own: not the kernel's start or the notebook's run it waited for.
+        self._started[item.nodeid] = time.monotonic() + self.session.log.wait_seconds
         if time.monotonic() >= self.session.submission_deadline:
             pytest.fail("not run: the submission's total time limit had already run out", pytrace=False)
 
@@ -61,10 +62,11 @@ class GradingPlugin:
         spec = self.lab.tests.get(_function_name(item))
         timeout = spec.timeout if spec is not None and spec.timeout else self.lab.limits.test_seconds
         self.session.test_deadline = time.monotonic() + timeout
+        self.session.test_limit = (timeout, spec.reference_seconds if spec is not None else None)
         try:
             yield
         finally:
-            self.session.test_deadline = None
+            self.session.test_deadline = self.session.test_limit = None
 
     # -- outcomes -------------------------------------------------------------------
 
@@ -73,7 +75,8 @@ class GradingPlugin:
         report = (yield).get_result()
         # One outcome per case: the call phase, or the setup phase when it failed or skipped.
         if report.when == "call" or (report.when == "setup" and not report.passed):
-            seconds = time.monotonic() - self._started.get(item.nodeid, time.monotonic())
+            seconds = (time.monotonic() + self.session.log.wait_seconds
+                       - self._started.get(item.nodeid, time.monotonic() + self.session.log.wait_seconds))
             if report.skipped:
                 message = "not run: " + _skip_reason(report)
             elif report.failed:

@@ -89,9 +89,9 @@ def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None,
     tests_seconds = sum(o.seconds for o in outcomes)
     timing = {"total": round(seconds, 2)}
     if log is not None:
-        # Tests wait for the kernel's start and the notebook's run: count those once, as their own.
+        # Case seconds exclude the waits for the kernel's start and the notebook's run (the plugin).
         timing.update(startup=round(log.startup_seconds, 2), notebook=round(log.notebook_seconds, 2),
-                      tests=round(max(tests_seconds - log.wait_seconds, 0.0), 2))
+                      tests=round(tests_seconds, 2), slowest_cell=round(log.slowest_cell_seconds, 2))
     return {
         "score": round(sum(t["score"] for t in tests), 4),
         "execution_time": round(seconds, 2),

@@ -1,9 +1,9 @@
 """The part of the engine that lives inside the student's kernel.
 
 It answers the grader's requests (look up a name, call it, read an attribute,
-run a backward probe) and publishes each answer as one display message of its own
-MIME type. It holds no test code, no expected value and no result: it only runs
-the student's objects on the arguments it is sent and encodes what comes back.
+run a backward probe), one frame each on the socket of coursekit.channel. It holds
+no test code, no expected value and no result: it only runs the student's objects
+on the arguments it is sent and encodes what comes back.
 
 The grader never trusts what this module says beyond its shape: whatever the
 student does to it (monkeypatching included) can only make their own answers
@@ -17,13 +17,12 @@ from typing import Any
 
 import torch
 
-from coursekit import wire
+from coursekit import channel, wire
 
 # Bound at import, before any student cell runs (see wire.py).
 from builtins import BaseException, callable, getattr, id, isinstance, len, list, next, setattr, str, type  # noqa: A004
 
-REPLY_MIME = "text/x-coursekit-reply"
-_INTERNAL_FILES = (__file__, wire.__file__)
+_INTERNAL_FILES = (__file__, wire.__file__, channel.__file__)
 
 
 class Runtime:
@@ -31,6 +30,7 @@ class Runtime:
         self.shell = shell
         self.objects: dict[int, Any] = {}
         self._ids: dict[int, int] = {}  # id(obj) -> handle, so one object keeps one handle
+        self._in_student_code = False
 
     # -- handles ------------------------------------------------------------------
 
@@ -61,27 +61,53 @@ class Runtime:
 
     # -- requests -------------------------------------------------------------------
 
-    def dispatch_file(self, path: str) -> None:
-        import os
+    def serve(self, path: str, token: str) -> None:
+        """Connect to the grader's socket and answer its requests, one frame each, until
+        it closes the connection. Runs as the kernel's last execution, in its main thread,
+        so that an interrupt from the grader (SIGINT) lands in the student's code."""
+        import signal
+        import socket
 
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        os.unlink(path)
-        self.dispatch(text)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        channel.send_frame(sock, 0, token.encode())
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_interrupt)
+        try:
+            while True:
+                frame = channel.recv_frame(sock)
+                if frame is None:
+                    return
+                request_id, payload = frame
+                text = None
+                try:
+                    self._in_student_code = True
+                    text = self.answer(payload.decode("utf-8"))
+                    self._in_student_code = False
+                except BaseException as exc:  # noqa: BLE001  an interrupt that landed just outside answer()
+                    self._in_student_code = False
+                    text = text if text is not None else _json({"error": self.describe(exc)})
+                channel.send_frame(sock, request_id, text.encode("utf-8"))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            sock.close()
 
-    def dispatch(self, request_text: str) -> None:
-        from IPython.display import publish_display_data
+    def _on_interrupt(self, signum, frame) -> None:
+        """The grader interrupts a call that ran past its deadline; an interrupt that
+        arrives once the call has answered is late, and dropped."""
+        if self._in_student_code:
+            raise KeyboardInterrupt
 
+    def answer(self, request_text: str) -> str:
         try:
             request = wire.loads(request_text, self.resolve, grad=True)
             reply = {"ok": self.encode(*self._run(request))}
         except BaseException as exc:  # noqa: BLE001 - every failure is reported, SystemExit included
             reply = {"error": self.describe(exc)}
         try:
-            text = wire._json_dumps(reply, allow_nan=False, separators=(",", ":"))
+            return _json(reply)
         except BaseException as exc:  # noqa: BLE001
-            text = wire._json_dumps({"error": self.describe(exc)})
-        publish_display_data({REPLY_MIME: text})
+            return _json({"error": self.describe(exc)})
 
     def _run(self, request: dict) -> tuple[Any, bool]:
         op = request["op"]
@@ -161,6 +187,10 @@ class Runtime:
         except BaseException:  # noqa: BLE001
             pass
         return frames[-20:]
+
+
+def _json(reply: dict) -> str:
+    return wire._json_dumps(reply, allow_nan=False, separators=(",", ":"))
 
 
 def _import_path(path: str) -> Any:

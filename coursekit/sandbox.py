@@ -31,16 +31,18 @@ import json
 import os
 import signal
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 24, 36, 38
 _MOUNT_OPTIONS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
                   "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 STATUS_FILE = ".sandbox.json"
+ORPHAN_POLL_SECONDS = 0.2   # how soon a kernel whose grader died is killed
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -187,15 +189,22 @@ def _write(path: str, value) -> None:
         handle.write(str(value))
 
 
-def remove_control_groups(groups: str | None) -> None:
-    """Called by the grader once the kernel's processes are dead."""
-    for group in filter(None, (groups or "").split(",")):
-        if not (group.startswith("/sys/fs/cgroup/") and os.path.basename(group).startswith("coursekit-")):
-            continue
-        try:
-            os.rmdir(group)
-        except OSError:
-            pass
+def remove_control_groups(groups: str | None, wait: float = 0.0) -> None:
+    """Called once the kernel's processes are dead. A group can go only once the last of
+    them is reaped, which may take a moment after a kill: try for up to `wait` seconds."""
+    paths = [g for g in (groups or "").split(",")
+             if g.startswith("/sys/fs/cgroup/") and os.path.basename(g).startswith("coursekit-")]
+    deadline = time.monotonic() + wait
+    while True:
+        for group in paths:
+            try:
+                os.rmdir(group)
+            except OSError:
+                pass
+        paths = [g for g in paths if os.path.exists(g)]
+        if not paths or time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
 
 
 # -- the launcher -------------------------------------------------------------------
@@ -222,6 +231,7 @@ def _apply_limits_and_user(plan: dict, control_group: str | None) -> None:
 
 
 def launch(plan: dict, argv: list[str]) -> None:
+    grader = os.getppid()
     status = {"namespaces": False, "control_group": None}
     if plan.get("sandbox", True):
         status["control_group"] = _control_group(plan)
@@ -230,9 +240,10 @@ def launch(plan: dict, argv: list[str]) -> None:
         except (SandboxError, OSError) as exc:
             status["why"] = str(exc)
         else:
+            _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             child = os.fork()
             if child:
-                _wait_as_parent(child, status["control_group"])
+                _wait_as_parent(child, status["control_group"], grader)
             # The kernel is the namespace's first process: when it dies, all it started dies.
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             try:
@@ -249,22 +260,41 @@ def launch(plan: dict, argv: list[str]) -> None:
     os.execv(argv[0], argv)
 
 
-def _wait_as_parent(child: int, groups: str | None) -> None:
+def _wait_as_parent(child: int, groups: str | None, grader: int) -> None:
     """Stay outside the namespaces until the kernel exits, then leave and remove
     the control groups and exit as the kernel did. Interrupts reach the kernel
-    directly (the grader signals the process group)."""
+    directly (the grader signals the process group). If the grader dies first (killed,
+    timed out, its terminal closed), this process is handed to another parent: then the
+    kernel is killed, and with it everything in its namespace, so that no student process
+    outlives the grader that started it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        _, status = os.waitpid(child, 0)
-        code = os.waitstatus_to_exitcode(status) & 0xFF
-    except ChildProcessError:
-        code = 1
+    code = 1
+    while True:
+        try:
+            done, status = os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if done:
+            code = os.waitstatus_to_exitcode(status) & 0xFF
+            break
+        if os.getppid() != grader:
+            os.kill(child, signal.SIGKILL)
+        time.sleep(ORPHAN_POLL_SECONDS)
+    # The namespace's other processes, killed with the kernel, are this subreaper's to reap:
+    # a control group holding their zombies could not be removed.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                time.sleep(0.05)
+        except ChildProcessError:
+            break
     for group in filter(None, (groups or "").split(",")):
         try:
             _write(os.path.join(os.path.dirname(group), "cgroup.procs"), os.getpid())
         except OSError:
             pass
-    remove_control_groups(groups)
+    remove_control_groups(groups, wait=5.0)
     os._exit(code)
 
 

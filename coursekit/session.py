@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import tempfile
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,17 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from coursekit import wire
+from coursekit.channel import ChannelClosed, ChannelTimeout, GraderChannel
 from coursekit.kernel import Execution, KernelDied, KernelTimeout, StudentKernel
 from coursekit.notebook import Cell
 from coursekit.sandbox import describe
 
 MAX_RESTARTS = 3
 _RUNTIME_BOOT = "import coursekit.runtime as _ck_rt; _ck_rt.install(get_ipython()); del _ck_rt"
-_CALL = "__import__('coursekit.runtime').runtime.current.dispatch({payload!r})"
-# A large request travels as a file: IPython tokenizes every cell it runs, which
-# costs seconds per megabyte of string literal.
-_CALL_FILE = "__import__('coursekit.runtime').runtime.current.dispatch_file({path!r})"
-INLINE_LIMIT = 32 * 1024
+# The kernel's last execution: it serves the grader's requests until the channel closes.
+_SERVE = "__import__('coursekit.runtime').runtime.current.serve({path!r}, {token!r})"
+CHANNEL_SECONDS = 60     # for the kernel to connect once the notebook has run
+RECOVER_SECONDS = 5      # for an interrupted call to answer before the kernel is killed
 
 
 class StudentTimeout(AssertionError):
@@ -57,13 +59,17 @@ class SessionLog:
     startup_seconds: float = 0.0    # starting the kernel and loading the runtime, every (re)start
     notebook_seconds: float = 0.0   # running the notebook's cells, every (re)start
     wait_seconds: float = 0.0       # what tests spent waiting for the kernel to be ready
+    slowest_cell_seconds: float = 0.0   # the slowest cell of the notebook's first run
 
 
 class GradingSession:
     def __init__(self, cells: list[Cell], workdir: Path, env: dict[str, str], submission_seconds: float,
-                 kernel_options: dict | None = None, cell_seconds: float | None = None):
+                 kernel_options: dict | None = None, cell_seconds: float | None = None,
+                 reference_cell_seconds: float | None = None):
         self.cells = cells
         self.cell_seconds = cell_seconds or submission_seconds
+        self.reference_cell_seconds = reference_cell_seconds  # for the student's message
+        self.test_limit: tuple[float, float | None] | None = None  # the test in flight: (limit, reference's time)
         self.skipped: set[int] = set()  # cells interrupted at their limit: not run again after a restart
         self.workdir = workdir
         self.env = env
@@ -72,6 +78,8 @@ class GradingSession:
         self.submission_deadline = self.started + submission_seconds
         self.test_deadline: float | None = None
         self.kernel: StudentKernel | None = None
+        self.channel: GraderChannel | None = None
+        self._request_id = 0
         self.generation = 0           # bumped on every (re)start: handles of older generations are dead
         self.exec_to_cell: dict[int, Cell] = {}
         self.log = SessionLog()
@@ -118,7 +126,7 @@ class GradingSession:
     def _ensure_running(self) -> None:
         if self.broken:
             raise StudentCrashed(self.broken)
-        if self.kernel is not None and self.kernel.is_alive():
+        if self.kernel is not None and self.kernel.is_alive() and self.channel is not None:
             return
         if self.kernel is not None:
             self.kernel.shutdown()
@@ -147,6 +155,41 @@ class GradingSession:
             self._run_cells(kernel)
         finally:
             self.log.notebook_seconds += time.monotonic() - began
+        began = time.monotonic()
+        try:
+            self.channel = self._open_channel(kernel)
+        finally:
+            self.log.startup_seconds += time.monotonic() - began
+
+    def _open_channel(self, kernel: StudentKernel) -> GraderChannel:
+        """A socket in the kernel's own folder, which the kernel connects to and proves
+        with a token it was given on its private Jupyter channel; the socket's name is
+        gone from the file system once the kernel is connected."""
+        path, token = str(self.workdir / f".channel-{secrets.token_hex(8)}"), secrets.token_hex(16)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            os.chmod(path, 0o666)  # the kernel may run as another user; its folder is its own
+            listener.listen(1)
+            kernel.submit(_SERVE.format(path=path, token=token))
+            connection = _accept(listener, time.monotonic() + CHANNEL_SECONDS, kernel.is_alive)
+            channel = GraderChannel(connection, kernel.is_alive)
+            request_id, proof = channel.receive(time.monotonic() + CHANNEL_SECONDS)
+            if proof != token.encode():
+                channel.close()
+                raise ChannelClosed("the connection did not come from the notebook's process")
+            return channel
+        except (OSError, ChannelClosed, ChannelTimeout, KernelDied) as exc:
+            kernel.shutdown()
+            self.broken = ("your notebook's process did not answer the grader after its cells ran "
+                           f"({type(exc).__name__}: {exc}); did a cell replace or break the grader's runtime?")
+            raise StudentCrashed(self.broken) from None
+        finally:
+            listener.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _run_cells(self, kernel: StudentKernel) -> None:
         self.kernel = kernel
@@ -159,17 +202,22 @@ class GradingSession:
             if budget <= 0:
                 self.broken = "the submission's time limit ran out while its cells were running"
                 raise StudentCrashed(self.broken)
+            began = time.monotonic()
             try:
                 result = kernel.execute(cell.source, timeout=min(budget, self.cell_seconds), store_history=True)
+                if first_run:
+                    self.log.slowest_cell_seconds = max(self.log.slowest_cell_seconds, time.monotonic() - began)
             except KernelTimeout:
                 if budget > self.cell_seconds and kernel.is_alive():
                     # Interrupted at the cell's own limit and the kernel is still sound:
                     # the rest of the notebook can still be graded.
                     self.skipped.add(cell.number)
+                    needs = (f" (the reference solution's slowest graded cell takes "
+                             f"{self.reference_cell_seconds:.1f} s)" if self.reference_cell_seconds else "")
                     self.log.cell_errors.append(CellError(
-                        cell, "TimeoutError", f"the cell ran past its limit of {self.cell_seconds:g} s and was "
-                        "stopped; make sure no cell loops forever or trains for long (tag such a cell "
-                        "'training')", ""))
+                        cell, "TimeoutError", f"the cell ran past the cell time limit of {self.cell_seconds:g} s"
+                        f"{needs} and was stopped; make sure no cell loops forever or trains for long "
+                        "(tag such a cell 'training')", ""))
                     continue
                 self.broken = (f"cell #{cell.number} ({cell.first_line!r}) was still running when the "
                                 "submission's time limit ran out; make sure no cell loops forever")
@@ -192,6 +240,9 @@ class GradingSession:
     def close(self) -> None:
         if self._early is not None:
             self._early.join()
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         if self.kernel is not None:
             self.kernel.shutdown()
             self.kernel = None
@@ -199,40 +250,64 @@ class GradingSession:
     # -- requests -------------------------------------------------------------------
 
     def request(self, op: str, **fields: Any) -> Any:
-        """Send one request to the runtime; return the decoded ``ok`` value or the
-        ``error`` record (a dict with key ``error``), for the proxy to raise."""
+        """Send one request to the runtime; return the decoded ``ok`` value, or raise the
+        student's error through the proxy."""
         from coursekit.proxy import decode_reply, handle_record  # the proxy owns handle objects
 
         self.ensure_running()
-        payload = wire.dumps({"op": op, **fields}, handle_record)
+        payload = wire.dumps({"op": op, **fields}, handle_record).encode("utf-8")
         timeout = self.remaining()
         if timeout <= 0:
             raise StudentTimeout(self._timeout_message())
+        self._request_id += 1
+        deadline = time.monotonic() + timeout
         try:
-            result = self.kernel.execute(self._call_code(payload), timeout=timeout)
-        except KernelTimeout:
+            self.channel.send(self._request_id, payload, deadline)
+            reply = self._reply_to(self._request_id, deadline)
+        except ChannelTimeout:
+            self._recover(self._request_id)
             raise StudentTimeout(self._timeout_message()) from None
-        except KernelDied:
+        except ChannelClosed:
+            self._lose_kernel()
             raise StudentCrashed("your code ended the notebook's process (sys.exit, os._exit, a crash, "
                                  "or running out of memory); it was restarted for the next tests") from None
-        if not result.replies:
-            raise StudentCrashed("the notebook's process gave no answer (did your code replace the "
-                                 "grader's helpers or close its output?)")
-        return decode_reply(self, result.replies[-1])
+        try:
+            text = reply.decode("utf-8")
+        except UnicodeDecodeError:
+            raise wire.WireError("the reply from the notebook's process is not UTF-8 text") from None
+        return decode_reply(self, text)
 
-    def _call_code(self, payload: str) -> str:
-        if len(payload) <= INLINE_LIMIT:
-            return _CALL.format(payload=payload)
-        fd, path = tempfile.mkstemp(dir=self.workdir, prefix=".request-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(payload)
-        os.chmod(path, 0o644)  # the student's user reads it; the runtime deletes it
-        return _CALL_FILE.format(path=path)
+    def _reply_to(self, request_id: int, deadline: float) -> bytes:
+        """The reply to this request; the late replies of requests given up on are dropped."""
+        while True:
+            answered, payload = self.channel.receive(deadline)
+            if answered == request_id:
+                return payload
+
+    def _recover(self, request_id: int) -> None:
+        """Interrupt the call in flight (a KeyboardInterrupt in the student's code). If it
+        does not answer within a few seconds, the kernel is killed: the next request
+        restarts it, with the notebook re-run."""
+        try:
+            self.kernel.interrupt()
+            self._reply_to(request_id, time.monotonic() + RECOVER_SECONDS)
+        except (ChannelTimeout, ChannelClosed, OSError, RuntimeError):
+            self._lose_kernel()
+
+    def _lose_kernel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.kernel is not None:
+            self.kernel.shutdown()
 
     def _timeout_message(self) -> str:
         if time.monotonic() >= self.submission_deadline:
             return "the submission's total time limit ran out"
-        return "your code did not finish within this test's time limit (an infinite loop, or far too slow)"
+        limit, reference = self.test_limit or (None, None)
+        which = f"this test's time limit of {limit:g} s" if limit else "this test's time limit"
+        needs = f" (the reference solution needs about {reference:.1f} s)" if reference else ""
+        return f"your code did not finish within {which}{needs}: an infinite loop, or far too slow"
 
     def annotate(self, traceback_text: str) -> str:
         """Name notebook cells in a traceback: IPython prints ``In[7]``, a student
@@ -241,6 +316,17 @@ class GradingSession:
             cell = self.exec_to_cell.get(int(match.group(1)))
             return f"{match.group(0)} (cell #{cell.number})" if cell else match.group(0)
         return re.sub(r"In\s*\[(\d+)\]", cell_for, traceback_text)
+
+
+def _accept(listener: socket.socket, deadline: float, alive) -> socket.socket:
+    listener.settimeout(0.25)
+    while time.monotonic() < deadline:
+        try:
+            return listener.accept()[0]
+        except socket.timeout:
+            if not alive():
+                raise KernelDied("the notebook's process exited") from None
+    raise ChannelTimeout()
 
 
 def student_environment(data_dir: Path, workdir: Path) -> dict[str, str]:

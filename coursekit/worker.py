@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
                         address_space_bytes=memory if device == "cpu" else None, memory_bytes=memory,
                         max_processes=lab.limits.processes)
     session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data", workdir),
-                             lab.limits.submission_seconds, {"plan": plan}, lab.limits.cell_seconds)
+                             lab.limits.submission_seconds, {"plan": plan}, lab.limits.cell_seconds,
+                             lab.limits.reference_cell_seconds)
     session.start_early()
     plugin = GradingPlugin(lab, session, device, only)
     ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
@@ -117,5 +119,20 @@ def serve() -> int:
     return main(job["args"])
 
 
+def exit_with_parent() -> None:
+    """A worker whose `course grade` died (killed, timed out, its terminal closed) stops
+    too; its kernel's launcher then sees its grader gone and kills the kernel
+    (coursekit.sandbox), so nothing a submission started outlives the batch."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 if __name__ == "__main__":
+    exit_with_parent()
     sys.exit(serve() if sys.argv[1:] == ["--warm"] else main())

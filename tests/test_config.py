@@ -1,6 +1,7 @@
 """course.yaml is validated on load, and each error names the key at fault."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,31 @@ def test_not_yaml_is_reported(tmp_path):
     path.write_text("labs: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_course(path)
+
+
+def _timed(tmp_path, data, timings):
+    suite = tmp_path / "autograder" / "l1"
+    suite.mkdir(parents=True)
+    (suite / "reference-timings.json").write_text(json.dumps(timings))
+    return load_course(_write(tmp_path, data)).lab("l1")
+
+
+def test_limits_derive_from_what_the_reference_needs(tmp_path):
+    lab = _timed(tmp_path, _valid(), {"slowest_cell_seconds": 2.34, "tests": {"test_a": 0.2, "test_b": 4.01}})
+    # 20x the reference, at least 30 s, rounded up to 10 s; an explicit timeout wins.
+    assert lab.limits.cell_seconds == 50 and lab.limits.reference_cell_seconds == 2.34
+    assert lab.tests["test_a"].timeout == 30 and lab.tests["test_a"].reference_seconds == 0.2
+    assert lab.tests["test_b"].timeout == 30 and lab.tests["test_b"].reference_seconds == 4.01
+
+
+def test_a_lab_that_sets_its_limits_keeps_them(tmp_path):
+    data = _valid()
+    data["labs"][0]["limits"] = {"cell_seconds": 7, "test_seconds": 9}
+    lab = _timed(tmp_path, data, {"slowest_cell_seconds": 100.0, "tests": {"test_a": 100.0}})
+    assert lab.limits.cell_seconds == 7 and lab.tests["test_a"].timeout is None
+    assert lab.limits.test_seconds == 9 and lab.tests["test_a"].reference_seconds == 100.0
+
+
+def test_a_broken_timings_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="reference-timings.json.*course check"):
+        _timed(tmp_path, _valid(), {"tests": []})

@@ -1,11 +1,11 @@
 """Hidden suite for lab 03: sinusoidal, learned, RoPE and ALiBi positions.
 
 Oracles, computed here in the grader process:
-- the sinusoidal table: the formula of LABS.md, in float64;
+- the sinusoidal table: the notebook's formula, in float64;
 - RoPE: `transformers`' Llama `apply_rotary_pos_emb` (half-split, `rotate_half`) and GPT-J
   `apply_rotary_pos_emb` (interleaved, `rotate_every_two`), fed float64 cos/sin tables;
 - ALiBi: BLOOM's `build_alibi_tensor` for the slopes and, under a causal mask, for the attention
-  probabilities; the LABS.md distance formula for the raw bias.
+  probabilities; the notebook's distance formula for the raw bias.
 """
 from __future__ import annotations
 

@@ -1,0 +1,88 @@
+"""No student process outlives its grader: `course grade` killed with SIGKILL in the
+middle of a submission takes its worker, the sandboxed kernel, what the notebook
+started (a daemon in its own session included) and their control groups with it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TOY, toy_notebook
+from tests.test_hostile import sandbox_contains
+
+MARKER = f"coursekit-orphan-{uuid.uuid4().hex[:8]}"
+CELLS = [
+    ("import subprocess, sys, time", None),
+    (f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(900)', '{MARKER}'], "
+     "start_new_session=True)", None),
+    ("time.sleep(300)", None),  # the kernel is busy here when the batch is killed
+]
+
+
+def processes(text: str) -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def parent(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+def control_groups() -> set[Path]:
+    groups = set()
+    for hierarchy in ("", "pids/", "memory/"):
+        base = Path("/sys/fs/cgroup") / hierarchy
+        groups |= set(base.glob("coursekit-*")) if base.is_dir() else set()
+    return groups
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def test_killing_the_batch_kills_every_student_process(tmp_path, write_notebook):
+    why = sandbox_contains()
+    assert not (why and os.geteuid() == 0), why  # as root (CI) the sandbox must be there
+    if why:
+        pytest.skip(f"this machine does not let the grader build the sandbox: {why}")
+    notebook = write_notebook(toy_notebook(CELLS), name="victim.ipynb")
+    batch = subprocess.Popen([sys.executable, "-m", "coursekit.cli", "--course", str(TOY / "course.yaml"),
+                              "grade", str(notebook), "--out", str(tmp_path / "out"), "--workers", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for(lambda: processes(MARKER), 120), "the notebook's daemon never started"
+        # The daemon's parent is the kernel, and the kernel's its sandbox launcher.
+        kernel = parent(next(iter(processes(MARKER))))
+        ours = {kernel, parent(kernel)}
+        assert ours <= processes("course-student-"), "the daemon's parent is not a sandboxed kernel"
+        groups = {g for g in control_groups() if g.name == f"coursekit-{parent(kernel)}"}
+        os.kill(batch.pid, signal.SIGKILL)
+        batch.wait()
+        assert wait_for(lambda: not processes(MARKER), 15), "the notebook's daemon outlived the batch"
+        assert wait_for(lambda: not (processes("course-student-") & ours), 15), \
+            "the sandboxed kernel outlived the batch"
+        assert wait_for(lambda: not (control_groups() & groups), 15), \
+            f"control groups left behind: {control_groups() & groups}"
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+        for pid in processes(MARKER):
+            os.kill(pid, signal.SIGKILL)
