@@ -3,7 +3,7 @@
     .venv/bin/python bench/throughput.py [--labs 01_attention 04_bpe_tokenizer] [--workers 1 2]
 
 The batch: for every lab, its reference solution (source/), its stub (release/) and a
-partly wrong notebook (the lab's first mutant from tests/mutants), laid out as an
+partly wrong notebook (the lab's first always-run mutant from mutants/), laid out as an
 nbgrader submitted/ tree. `course grade` grades it with the hidden suites;
 `nbgrader autograde` grades the same notebooks in a scratch nbgrader course. Both
 skip the cells tagged demo/training (nbgrader would otherwise run the labs' training
@@ -50,7 +50,7 @@ def build_batch(course, labs, into: Path) -> list[tuple[str, str]]:
     made = []
     for lab in labs:
         source = nbformat.read(lab.notebook_in("source"), as_version=4)
-        mutant = importlib.import_module(f"tests.mutants.{lab.id}").MUTANTS[0]
+        mutant = next(m for m in importlib.import_module(f"mutants.{lab.id}").MUTANTS if m.always)
         notebooks = {"reference": source, "stub": nbformat.read(lab.notebook_in("release"), as_version=4),
                      "partly_wrong": mutant.apply(source)}
         for student, nb in notebooks.items():

@@ -7,7 +7,6 @@ after an interruption regrades only what is missing or what changed.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -17,9 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import coursekit
-
 from coursekit.config import Course, Lab
+from coursekit.keys import submission_key
 from coursekit.notebook import SubmissionError, notebook_lab, read_notebook
 from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, failed_results, read_results,
                                save_submission, write_gradebook)
@@ -142,20 +140,6 @@ def _lab_of(course: Course, notebook: Path, tree_lab: str | None, forced: Lab | 
     return lab, note
 
 
-def submission_key(lab: Lab, notebook: Path, only: tuple[str, ...] = ()) -> str:
-    """The content that decides a grade: the notebook, the lab's suite and its config."""
-    digest = hashlib.sha256(coursekit.__version__.encode())
-    digest.update(notebook.read_bytes())
-    digest.update(lab.id.encode())
-    digest.update(repr(sorted(lab.tests.items())).encode())
-    digest.update(repr(lab.limits).encode())
-    if only:
-        digest.update(repr(sorted(only)).encode())
-    for path in sorted(lab.suite_dir.rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def grade_batch(course: Course, submissions: list[Submission], out: Path, workers: int = 1,
                 force: bool = False, progress: bool = True, gradebook: bool = False,
                 runner: Runner | None = None) -> list[dict]:
@@ -176,10 +160,13 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
 
     bar = tqdm(total=len(todo), desc="grading", unit="nb", disable=not progress, file=sys.stderr)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    runner.expect(len(todo))
+    # What no student's code may see: every result, and every folder submissions came from.
+    private = (out.resolve(), *sorted({submissions_root(sub.notebook.resolve()) for sub, _ in todo}))
+    jobs = [(sub, _job(course, sub, key, out, threads, private)) for sub, key in todo]
+    runner.expect([job for _, job in jobs])
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = {pool.submit(_grade_one, runner, course, sub, key, out, threads): sub for sub, key in todo}
+            futures = {pool.submit(_grade_one, runner, sub, job): sub for sub, job in jobs}
             for future in as_completed(futures):
                 sub = futures[future]
                 rows[sub.name] = _row(sub, future.result())
@@ -207,26 +194,35 @@ def _record_in_nbgrader(course: Course, submissions: list[Submission], out: Path
                 record(course, sub.lab, book, sub.student, sub.notebook, results)
 
 
-def _grade_one(runner: Runner, course: Course, sub: Submission, key: str, out: Path, threads: int) -> dict:
-    """Run the worker; whatever happens to it, the submission ends with results."""
-    folder = out / sub.name
-    folder.mkdir(parents=True, exist_ok=True)
+def _job(course: Course, sub: Submission, key: str, out: Path, threads: int, private: tuple[Path, ...]) -> Job:
     extra = {"key": key, "student": sub.student, "notebook": str(sub.notebook), "note": sub.note}
+    return Job(course, sub.lab, sub.notebook, out / sub.name, extra, threads, sub.only, private)
+
+
+def _grade_one(runner: Runner, sub: Submission, job: Job) -> dict:
+    """Run the worker; whatever happens to it, the submission ends with results."""
+    job.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results_path = folder / RESULTS_FILE
+    results_path = job.folder / RESULTS_FILE
     results_path.unlink(missing_ok=True)
     try:
-        problem = runner.run(Job(course, sub.lab, sub.notebook, folder, extra, threads, sub.only))
+        problem = runner.run(job)
     except Exception as exc:  # a backend's failure is this submission's, never the batch's
         problem = f"the grading backend failed: {type(exc).__name__}: {exc}"
     results = read_results(results_path)
     if results is None:
         # Without its key: the grader failed, not the submission, so a rerun tries again.
         results = failed_results(sub.lab, f"Grading failed: {problem or 'no results were written'}. "
-                                 f"The instructor can see {folder / 'grader.log'}.",
-                                 time.monotonic() - started, {k: v for k, v in extra.items() if k != "key"})
-        save_submission(folder, sub.lab, results)
+                                 f"The instructor can see {job.folder / 'grader.log'}.",
+                                 time.monotonic() - started, {k: v for k, v in job.extra.items() if k != "key"})
+        save_submission(job.folder, sub.lab, results)
     return results
+
+
+def submissions_root(notebook: Path) -> Path:
+    """The folder of this submission and its neighbours: an nbgrader tree's
+    submitted/, or the notebook's own folder."""
+    return next((p for p in notebook.parents if p.name == "submitted"), notebook.parent)
 
 
 def _ungradable(sub: Submission, out: Path) -> dict | None:

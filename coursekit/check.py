@@ -23,7 +23,8 @@ import nbformat
 
 from coursekit.batch import Submission, grade_batch
 from coursekit.config import TIMINGS_FILE, Course, Lab, derived_limit
-from coursekit.release import OUTPUT_FOLDERS, generate
+from coursekit.notebook import HINTS_FILE
+from coursekit.release import EXAMPLES, OUTPUT_FOLDERS, generate
 from coursekit.results import RESULTS_FILE, read_results, write_atomic
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -59,7 +60,19 @@ def check_up_to_date(course: Course, lab: Lab) -> list[str]:
         scratch = Path(tmp)
         shutil.copytree(course.root / "source" / lab.id, scratch / "source" / lab.id)
         generate(course, [lab], root=scratch)
-        problems = []
+        fresh_hints, hints = scratch / "autograder" / lab.id / HINTS_FILE, lab.suite_dir / HINTS_FILE
+        if not hints.exists() or hints.read_bytes() != fresh_hints.read_bytes():
+            problems = [f"{lab.id}: {hints.relative_to(course.root)} is not the source notebook's hints; "
+                        f"run `course release {lab.id}`"]
+        else:
+            problems = []
+        examples = course.root / "examples" / lab.id
+        if examples.is_dir():
+            for name, made_in in EXAMPLES.items():
+                fresh = scratch / made_in / lab.id / lab.notebook
+                if not (examples / name).exists() or _normalised(fresh) != _normalised(examples / name):
+                    problems.append(f"{lab.id}: examples/{lab.id}/{name} is not what `course release {lab.id}` "
+                                    f"makes of source/; run it")
         for folder in OUTPUT_FOLDERS:
             fresh, committed = scratch / folder / lab.id / lab.notebook, course.root / folder / lab.id / lab.notebook
             if not committed.exists():

@@ -12,6 +12,7 @@ import nbformat
 # wait on a student's plots or training loop.
 SKIPPED_TAGS = frozenset({"demo", "training"})
 MAX_NOTEBOOK_BYTES = 512 * 1024 * 1024
+HINTS_FILE = "hints.json"   # beside each hidden suite, written by `course release`
 
 
 class SubmissionError(Exception):
@@ -26,6 +27,7 @@ class Cell:
     @property
     def first_line(self) -> str:
         return next((line.strip() for line in self.source.splitlines() if line.strip()), "")[:80]
+
 
 
 def read_notebook(path: Path) -> nbformat.NotebookNode:
@@ -75,15 +77,17 @@ def notebook_lab(nb: nbformat.NotebookNode) -> str | None:
     return lab if isinstance(lab, str) else None
 
 
-def lab_hints(source: Path, release: Path) -> dict[str, str]:
-    """Hints the instructor wrote for students, per hidden test function, in the
-    source notebook's metadata (course.hints); nbgrader carries them into the
-    release, which is what a grader image ships."""
-    for path in (source, release):
-        try:
-            hints = read_notebook(path).metadata.get("course", {}).get("hints", {})
-        except (SubmissionError, OSError):
-            continue
-        if isinstance(hints, dict):
-            return {str(k): str(v) for k, v in hints.items()}
-    return {}
+def notebook_hints(path: Path) -> dict[str, str]:
+    """Hints the instructor wrote for students, per hidden test function, in the source
+    notebook's metadata (course.hints). `course release` copies them beside the suite
+    (HINTS_FILE), so that every grader, wherever it runs, finds them with the suite."""
+    hints = read_notebook(path).metadata.get("course", {}).get("hints", {})
+    return {str(k): str(v) for k, v in sorted(hints.items())} if isinstance(hints, dict) else {}
+
+
+def suite_hints(suite_dir: Path) -> dict[str, str]:
+    try:
+        hints = json.loads((suite_dir / HINTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in hints.items()} if isinstance(hints, dict) else {}

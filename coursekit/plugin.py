@@ -4,24 +4,17 @@ test case's outcome with a message meant for the student."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from coursekit import wire
 from coursekit.config import Lab
-from coursekit.proxy import MissingName, Student, StudentError
+from coursekit.errors import MissingName, StudentCrashed, StudentError, StudentTimeout
+from coursekit.outcomes import CaseOutcome
+from coursekit.proxy import Student
 from coursekit.runtime import full_float32
-from coursekit.session import GradingSession, StudentCrashed, StudentTimeout
-
-
-@dataclass
-class CaseOutcome:
-    function: str       # the test function: the unit that carries points
-    case: str           # the parametrized case id, "" when there is none
-    passed: bool
-    message: str
-    seconds: float
+from coursekit.session import GradingSession
 
 
 class GradingPlugin:
@@ -118,6 +111,12 @@ def device(request: pytest.FixtureRequest) -> str:
 def lab_settings(request: pytest.FixtureRequest) -> dict:
     """The lab's `settings:` mapping in course.yaml."""
     return dict(request.config.stash[PLUGIN_KEY].lab.settings)
+
+
+@pytest.fixture(scope="session")
+def data_dir(request: pytest.FixtureRequest) -> Path:
+    """The course's data folder (Tiny Shakespeare, SST-2, ...), as the grader sees it."""
+    return request.config.stash[PLUGIN_KEY].lab.root / "data"
 
 
 def grader_environment(device: str) -> dict:

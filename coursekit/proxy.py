@@ -12,27 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from coursekit import wire
+from coursekit.errors import MissingName, StudentCrashed, StudentError
 
 if TYPE_CHECKING:
     from coursekit.session import GradingSession
-
-
-class StudentError(Exception):
-    """An exception raised by the student's code, re-raised in the grader."""
-
-    def __init__(self, type_name: str, message: str, traceback: str):
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = message
-        self.student_traceback = traceback
-
-    def __str__(self) -> str:
-        head = f"{self.type_name}: {self.message}" if self.message else self.type_name
-        return f"{head}\n{self.student_traceback}" if self.student_traceback else head
-
-
-class MissingName(AssertionError):
-    """The notebook does not define a name the tests need."""
 
 
 _ERROR_CLASSES: dict[str, type] = {}
@@ -83,8 +66,6 @@ def handle_record(value: Any) -> dict:
     """How a grader-side value that is not plain data crosses: only handles may."""
     if isinstance(value, RemoteObject):
         if value._generation != value._session.generation:
-            from coursekit.session import StudentCrashed
-
             raise StudentCrashed("an object was lost when your notebook's process restarted "
                                  "(an earlier call hung or crashed it)")
         return value._wire_record()
@@ -104,8 +85,6 @@ class RemoteObject:
         object.__setattr__(self, "_callable", bool(record.get("callable")))
 
     def _request(self, op: str, **fields: Any) -> Any:
-        from coursekit.session import StudentCrashed
-
         session = self._session
         session.ensure_running()
         if session.generation != self._generation:

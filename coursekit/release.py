@@ -8,6 +8,7 @@ the release depends on the source notebooks alone.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 from traitlets.config import Config
 
 from coursekit.config import Course, Lab
+from coursekit.notebook import HINTS_FILE, notebook_hints
+from coursekit.results import write_atomic
 
 STUDENT_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 OUTPUT_FOLDERS = ("release", "solutions")
@@ -84,3 +87,23 @@ def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
                 except NbGraderException:
                     raise ReleaseError(f"nbgrader could not process source/{lab.id}/{lab.notebook} "
                                        f"({converter.__name__}); its log above says why") from None
+            write_hints(root, lab)
+            write_examples(root, lab)
+
+
+# The quick start's example submissions of a lab, where it has an examples/<lab>/ folder:
+# copies of what `course release` makes, so they never drift from the lab.
+EXAMPLES = {"reference.ipynb": "solutions", "stub.ipynb": "release"}
+
+
+def write_examples(root: Path, lab: Lab) -> None:
+    folder = root / "examples" / lab.id
+    if folder.is_dir():
+        for name, made_in in EXAMPLES.items():
+            shutil.copy(root / made_in / lab.id / lab.notebook, folder / name)
+
+
+def write_hints(root: Path, lab: Lab) -> None:
+    """The source notebook's hints, beside the suite: every backend ships the suite."""
+    hints = notebook_hints(root / "source" / lab.id / lab.notebook)
+    write_atomic(root / "autograder" / lab.id / HINTS_FILE, json.dumps(hints, indent=1, ensure_ascii=False) + "\n")

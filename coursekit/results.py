@@ -11,8 +11,7 @@ import tempfile
 from pathlib import Path
 
 from coursekit.config import Lab
-from coursekit.plugin import CaseOutcome
-from coursekit.session import SessionLog
+from coursekit.outcomes import CaseOutcome, SessionLog
 
 RESULTS_FILE = "results.json"
 FEEDBACK_FILE = "feedback.html"

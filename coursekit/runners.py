@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coursekit.config import ConfigError, Course, Lab, Limits, load_course
+from coursekit.keys import submission_key
 from coursekit.results import FEEDBACK_FILE, RESULTS_FILE, write_atomic
 
 # Past the submission's own limit, the worker gets this long to write its results
@@ -46,6 +47,7 @@ class Job:
     extra: dict = field(default_factory=dict)
     threads: int = 1              # OMP threads for the worker and the student's kernel
     only: tuple[str, ...] = ()    # grade only these test functions (the others score 0, "not run")
+    private: tuple[Path, ...] = ()  # the batch's folders no student may see: results, submissions
 
     @property
     def timeout(self) -> float:
@@ -66,8 +68,8 @@ class Runner:
         """Run the worker for `job`; return "" or why it did not end normally."""
         raise NotImplementedError
 
-    def expect(self, submissions: int) -> None:
-        """The batch is about to hand over this many submissions."""
+    def expect(self, jobs: list[Job]) -> None:
+        """The batch is about to hand over these jobs, in this order."""
 
     def close(self) -> None:
         """The batch is over (or interrupted): release what the runner holds."""
@@ -75,19 +77,21 @@ class Runner:
 
 class LocalRunner(Runner):
     """A fresh worker process on this machine per submission, taken from a pool of
-    warm ones: each is started (interpreter, torch, transformers, the engine) while
-    the submission before it is graded, then serves exactly one submission."""
+    warm ones: each is started (interpreter, torch, transformers, the engine, and the
+    sandboxed kernel of the submission it expects) while the submission before it is
+    graded, then serves exactly one submission."""
 
     def __init__(self):
-        self._pool: list[subprocess.Popen] = []
+        self._pool: list[subprocess.Popen] = []   # oldest first: warmed for the next jobs in order
         self._lock = threading.Lock()
-        self._expected = 0  # submissions not yet started: no spare is warmed past them
+        self._queue: list[Job] = []
+        self._given = 0   # jobs handed a worker so far
 
-    def expect(self, submissions: int) -> None:
-        self._expected = submissions
+    def expect(self, jobs: list[Job]) -> None:
+        self._queue, self._given = list(jobs), 0
 
     def run(self, job: Job) -> str:
-        worker = self._take(job.threads)
+        worker = self._take(job)
         args = job.worker_args(str(job.course.path), str(job.notebook), str(job.folder))
         try:
             worker.communicate(json.dumps({"args": args, "log": str(job.folder / LOG_FILE)}) + "\n",
@@ -100,19 +104,27 @@ class LocalRunner(Runner):
             worker.wait()
         return "" if worker.returncode == 0 else f"the grader's worker exited with status {worker.returncode}"
 
-    def _take(self, threads: int) -> subprocess.Popen:
+    def _take(self, job: Job) -> subprocess.Popen:
         with self._lock:
-            worker = self._pool.pop() if self._pool else self._spawn(threads)
-            self._expected -= 1
-            if self._expected > len(self._pool):
-                self._pool.append(self._spawn(threads))  # the next submission's, warming up meanwhile
+            worker = self._pool.pop(0) if self._pool else self._spawn(job)
+            self._given += 1
+            upcoming = self._given + len(self._pool)
+            if upcoming < len(self._queue):
+                self._pool.append(self._spawn(self._queue[upcoming]))  # warming up meanwhile
         return worker
 
     @staticmethod
-    def _spawn(threads: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, *WORKER_MODULE, "--warm"], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=worker_env(threads),
-                                text=True)
+    def _spawn(job: Job) -> subprocess.Popen:
+        """A worker told which submission to expect, so that it starts that one's kernel; a
+        worker handed another (workers finishing out of order) starts a fresh one instead."""
+        worker = subprocess.Popen([sys.executable, *WORKER_MODULE, "--warm"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=worker_env(job.threads), text=True)
+        prepare = {"course": str(job.course.path), "lab": job.lab.id, "device": job.course.device,
+                   "private": [str(p) for p in job.private]}
+        worker.stdin.write(json.dumps({"prepare": prepare}) + "\n")
+        worker.stdin.flush()
+        return worker
 
     def close(self) -> None:
         """Tell the spare workers there is nothing more to grade."""
@@ -213,7 +225,7 @@ def _bind_mount(source: Path, target: str) -> str:
 
 # Printed by the image: the key of an empty notebook for a lab, which names the engine's
 # version, the lab's tests, points, limits and suite as the image has them.
-IMAGE_KEY_SCRIPT = ("import sys; from pathlib import Path; from coursekit.batch import submission_key; "
+IMAGE_KEY_SCRIPT = ("import sys; from pathlib import Path; from coursekit.keys import submission_key; "
                     "from coursekit.config import load_course; "
                     "print(submission_key(load_course(sys.argv[1]).lab(sys.argv[2]), Path('/dev/null')))")
 
@@ -256,7 +268,6 @@ class DockerRunner(Runner):
         point; results are filed under this checkout's key, so the two must be the same
         (a suite or points edited since the image was built would grade silently wrong).
         Asked once per lab."""
-        from coursekit.batch import submission_key  # batch imports this module
 
         with self._lock:
             if lab.id not in self._image_problems:
@@ -362,7 +373,6 @@ def _grade_on_node(course_yaml: str, lab_id: str, notebook: bytes, extra: dict) 
     and hand back what the worker wrote."""
     import ray
 
-    from coursekit.batch import submission_key  # batch imports this module
 
     where = f"Ray node {ray.get_runtime_context().get_node_id()[:12]} ({socket.gethostname()})"
     try:

@@ -11,18 +11,19 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import tempfile
 import socket
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coursekit import wire
 from coursekit.channel import ChannelClosed, ChannelTimeout, GraderChannel
+from coursekit.errors import StudentCrashed, StudentTimeout
 from coursekit.kernel import Execution, KernelDied, KernelTimeout, StudentKernel
 from coursekit.notebook import Cell
+from coursekit.outcomes import CellError, SessionLog
 from coursekit.sandbox import describe
 
 MAX_RESTARTS = 3
@@ -33,39 +34,12 @@ CHANNEL_SECONDS = 60     # for the kernel to connect once the notebook has run
 RECOVER_SECONDS = 5      # for an interrupted call to answer before the kernel is killed
 
 
-class StudentTimeout(AssertionError):
-    """A call into the student's code ran past the time limit."""
-
-
-class StudentCrashed(AssertionError):
-    """The student's process died or could not be (re)started."""
-
-
-@dataclass
-class CellError:
-    cell: Cell
-    name: str
-    value: str
-    traceback: str
-
-    def describe(self) -> str:
-        return f"cell #{self.cell.number} ({self.cell.first_line!r}) raised {self.name}: {self.value}"
-
-
-@dataclass
-class SessionLog:
-    cell_errors: list[CellError] = field(default_factory=list)
-    restarts: int = 0
-    startup_seconds: float = 0.0    # starting the kernel and loading the runtime, every (re)start
-    notebook_seconds: float = 0.0   # running the notebook's cells, every (re)start
-    wait_seconds: float = 0.0       # what tests spent waiting for the kernel to be ready
-    slowest_cell_seconds: float = 0.0   # the slowest cell of the notebook's first run
-
-
 class GradingSession:
     def __init__(self, cells: list[Cell], workdir: Path, env: dict[str, str], submission_seconds: float,
                  kernel_options: dict | None = None, cell_seconds: float | None = None,
-                 reference_cell_seconds: float | None = None):
+                 reference_cell_seconds: float | None = None, kernel: StudentKernel | None = None):
+        """`kernel`: one started ahead for this session (start_kernel, same folder and
+        options), while the submission before was graded; it serves this one alone."""
         self.cells = cells
         self.cell_seconds = cell_seconds or submission_seconds
         self.reference_cell_seconds = reference_cell_seconds  # for the student's message
@@ -86,6 +60,7 @@ class GradingSession:
         self.broken: str | None = None  # why grading cannot go on, once it cannot
         self.sandbox = "the student's process never started"
         self._early: threading.Thread | None = None
+        self._ahead = kernel
 
     # -- deadlines ------------------------------------------------------------------
 
@@ -140,12 +115,11 @@ class GradingSession:
     def _start(self) -> None:
         self.generation += 1
         began = time.monotonic()
-        kernel = StudentKernel(str(self.workdir), self.env, **self.kernel_options)
+        kernel, self._ahead = self._ahead, None
         try:
-            kernel.start()
-            kernel.execute(_RUNTIME_BOOT, timeout=120)
+            if kernel is None or not kernel.is_alive():
+                kernel = start_kernel(self.workdir, self.env, self.kernel_options)
         except (KernelDied, KernelTimeout) as exc:
-            kernel.shutdown()
             self.broken = f"your notebook's process could not be started: {exc}"
             raise StudentCrashed(self.broken) from None
         finally:
@@ -240,6 +214,9 @@ class GradingSession:
     def close(self) -> None:
         if self._early is not None:
             self._early.join()
+        if self._ahead is not None:
+            self._ahead.shutdown()
+            self._ahead = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -316,6 +293,18 @@ class GradingSession:
             cell = self.exec_to_cell.get(int(match.group(1)))
             return f"{match.group(0)} (cell #{cell.number})" if cell else match.group(0)
         return re.sub(r"In\s*\[(\d+)\]", cell_for, traceback_text)
+
+
+def start_kernel(workdir: Path, env: dict[str, str], kernel_options: dict) -> StudentKernel:
+    """A sandboxed kernel with the grader's runtime loaded, and nothing of a submission yet."""
+    kernel = StudentKernel(str(workdir), env, **kernel_options)
+    try:
+        kernel.start()
+        kernel.execute(_RUNTIME_BOOT, timeout=120)
+    except (KernelDied, KernelTimeout):
+        kernel.shutdown()
+        raise
+    return kernel
 
 
 def _accept(listener: socket.socket, deadline: float, alive) -> socket.socket:

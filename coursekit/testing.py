@@ -1,10 +1,28 @@
-"""Assertions for the hidden suites, with messages written for students: what
-differs and by how much, never the expected tensor itself."""
+"""The one surface the hidden suites import: the student's exception types, seeded
+inputs, and assertions with messages written for students (what differs and by how
+much, never the expected tensor itself). The fixtures (`student`, `device`,
+`lab_settings`, `data_dir`) come from the engine's pytest plugin."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from coursekit.errors import MissingName, StudentCrashed, StudentError, StudentTimeout
+
+__all__ = ["MissingName", "StudentCrashed", "StudentError", "StudentTimeout", "gen", "randn", "assert_shape",
+           "assert_close", "assert_equal"]
+
+
+def gen(seed: int) -> torch.Generator:
+    """A CPU generator: the same inputs on every machine and device."""
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64, scale: float = 1.0) -> torch.Tensor:
+    """Drawn in float64, then rounded to `dtype`: a float64 oracle fed `.double()` of the
+    result sees exactly the values the student's code sees."""
+    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:

@@ -16,28 +16,48 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from coursekit.batch import submissions_root
 from coursekit.config import DEVICE_POLICIES, Course, Lab, load_course
-from coursekit.notebook import SubmissionError, graded_cells, lab_hints, read_notebook
+from coursekit.notebook import SubmissionError, graded_cells, read_notebook, suite_hints
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
 from coursekit.isolation import protect, sandbox_plan, student_isolation
-from coursekit.session import GradingSession, make_workdir, student_environment
+from coursekit.kernel import StudentKernel
+from coursekit.session import GradingSession, make_workdir, start_kernel, student_environment
 
 
-def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[Path] = (),
-          only: tuple[str, ...] = ()) -> dict:
-    """`private`: folders the student must not see besides the hidden suites (the
-    results, the other submissions); `only`: the test functions to run (all when empty)."""
-    started = time.monotonic()
-    try:
-        nb = read_notebook(notebook)
-    except SubmissionError as exc:
-        return failed_results(lab, str(exc), time.monotonic() - started, extra)
+@dataclass
+class StudentProcess:
+    """A submission's sandboxed student process: its folder, its sandbox plan, and its
+    kernel once started. A warm worker starts one ahead, for the submission it expects;
+    it serves that one submission or none."""
+    lab_id: str
+    private: tuple[Path, ...]     # what the plan covers besides the hidden suites
+    workdir: Path
+    plan: dict
+    isolation: object
+    device: str
+    kernel: StudentKernel | None = None
+
+    def fits(self, lab: Lab, private: list[Path]) -> bool:
+        """Started for this lab, with every folder this submission must not see covered."""
+        def covered(path: Path) -> bool:
+            return any(path.resolve() == c or c in path.resolve().parents for c in self.private)
+        return lab.id == self.lab_id and all(covered(p) for p in private)
+
+    def discard(self) -> None:
+        if self.kernel is not None:
+            self.kernel.shutdown()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def student_process(course: Course, lab: Lab, private: list[Path]) -> StudentProcess:
     workdir = make_workdir()
     device = course.resolved_device()
     isolation = student_isolation(course.root)
@@ -50,9 +70,44 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
     plan = sandbox_plan(workdir, course.root, [course.root / "autograder", *private], user=isolation.user,
                         address_space_bytes=memory if device == "cpu" else None, memory_bytes=memory,
                         max_processes=lab.limits.processes)
+    return StudentProcess(lab.id, tuple(p.resolve() for p in private), workdir, plan, isolation, device)
+
+
+def start_ahead(spec: dict) -> StudentProcess | None:
+    """The student process of the submission this warm worker expects, kernel started and
+    runtime loaded; None where that fails (grading then starts one as usual, and reports)."""
+    try:
+        course = load_course(spec["course"])
+        course = dataclasses.replace(course, device=spec.get("device") or course.device)
+        lab = course.lab(spec["lab"])
+        process = student_process(course, lab, [Path(p) for p in spec["private"]])
+        process.kernel = start_kernel(process.workdir, student_environment(course.root / "data", process.workdir),
+                                      {"plan": process.plan})
+        return process
+    except Exception:  # noqa: BLE001  the usual path reports whatever this hit
+        return None
+
+
+def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[Path] = (),
+          only: tuple[str, ...] = (), ahead: StudentProcess | None = None) -> dict:
+    """`private`: folders the student must not see besides the hidden suites (the
+    results, the other submissions); `only`: the test functions to run (all when empty);
+    `ahead`: a student process started before this submission was known."""
+    started = time.monotonic()
+    if ahead is not None and not ahead.fits(lab, list(private)):
+        ahead.discard()
+        ahead = None
+    try:
+        nb = read_notebook(notebook)
+    except SubmissionError as exc:
+        if ahead is not None:
+            ahead.discard()
+        return failed_results(lab, str(exc), time.monotonic() - started, extra)
+    process = ahead or student_process(course, lab, list(private))
+    workdir, plan, isolation, device = process.workdir, process.plan, process.isolation, process.device
     session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data", workdir),
                              lab.limits.submission_seconds, {"plan": plan}, lab.limits.cell_seconds,
-                             lab.limits.reference_cell_seconds)
+                             lab.limits.reference_cell_seconds, kernel=process.kernel)
     session.start_early()
     plugin = GradingPlugin(lab, session, device, only)
     ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
@@ -67,20 +122,15 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
         shutil.rmtree(ini.parent, ignore_errors=True)
     problem = f"Grading stopped early: {session.broken}" if session.broken else ""
     extra = {**extra, "student_user": isolation.description, "sandbox": session.sandbox,
-             "environment": plugin.environment}
+             "environment": plugin.environment,
+             "student_process": {"folder": workdir.name, "started_ahead": ahead is not None}}
     if only:
         extra["only_tests"] = sorted(only)
-    hints = lab_hints(lab.notebook_in("source"), lab.notebook_in("release"))
-    return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem, hints)
+    return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem,
+                         suite_hints(lab.suite_dir))
 
 
-def submissions_root(notebook: Path) -> Path:
-    """The folder of this submission and its neighbours: an nbgrader tree's
-    submitted/, or the notebook's own folder."""
-    return next((p for p in notebook.parents if p.name == "submitted"), notebook.parent)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, ahead: StudentProcess | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coursekit.worker")
     parser.add_argument("--course", required=True)
     parser.add_argument("--lab", required=True)
@@ -96,27 +146,40 @@ def main(argv: list[str] | None = None) -> int:
     lab = course.lab(args.lab)
     notebook, out = Path(args.notebook).resolve(), Path(args.out).resolve()
     results = grade(course, lab, notebook, json.loads(args.extra), private=[out.parent, submissions_root(notebook)],
-                    only=tuple(args.only))
+                    only=tuple(args.only), ahead=ahead)
     save_submission(Path(args.out), lab, results)
     return 0
 
 
 def serve() -> int:
     """``python -m coursekit.worker --warm``: a worker started before its submission
-    is known. The imports every grading needs are done while another submission is
-    graded; then it reads its one job from stdin (the worker's arguments and the log
-    file to write to), grades it and exits, like any worker: never two submissions
-    in one process."""
+    is known. While another submission is graded it does the imports every grading
+    needs and, told which submission to expect (a first line {"prepare": ...}), starts
+    that submission's sandboxed kernel; then it reads its one job (the worker's
+    arguments and the log file to write to), grades it and exits, like any worker:
+    never two submissions in one process, never a kernel for two."""
     import torch  # noqa: F401  (what every suite and oracle imports first)
     import transformers  # noqa: F401
 
-    job = json.loads(sys.stdin.readline() or "null")
-    if not isinstance(job, dict):
+    job, ahead = _read_line(), None
+    if isinstance(job, dict) and "prepare" in job:
+        ahead = start_ahead(job["prepare"])
+        job = _read_line()
+    if not isinstance(job, dict) or "args" not in job:
+        if ahead is not None:
+            ahead.discard()
         return 0  # the batch ended before it needed this worker
     log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    return main(job["args"])
+    return main(job["args"], ahead)
+
+
+def _read_line():
+    try:
+        return json.loads(sys.stdin.readline().strip() or "null")
+    except ValueError:
+        return None
 
 
 def exit_with_parent() -> None:

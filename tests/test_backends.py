@@ -23,7 +23,8 @@ import nbformat
 import pytest
 
 from coursekit import runners
-from coursekit.batch import discover, grade_batch, submission_key
+from coursekit.batch import discover, grade_batch
+from coursekit.keys import submission_key
 from coursekit.results import RESULTS_FILE
 from coursekit.runners import DockerRunner, Job, LocalRunner, RayRunner, cluster_capacity, docker_command
 

@@ -56,3 +56,25 @@ def test_the_leak_check_catches_a_leak(tmp_path):
     problems = check_leaks(course, copy)
     assert any("solution code appears" in p for p in problems), problems
     assert any("a line of the hidden suite" in p for p in problems), problems
+
+
+def test_check_records_what_the_reference_needs_and_only_rewrites_on_a_new_limit(tmp_path):
+    import json
+
+    from coursekit.check import record_timings
+    from coursekit.config import TIMINGS_FILE
+
+    lab = COURSE.lab(LABS[0])
+    lab = type(lab)(**{**lab.__dict__, "root": tmp_path})
+    lab.suite_dir.mkdir(parents=True)
+    results = {"extra_data": {"seconds": {"slowest_cell": 2.3}},
+               "tests": [{"name": "test_a", "extra_data": {"seconds": 0.4}},
+                         {"name": "test_b", "extra_data": {"seconds": 3.2}}]}
+    assert "cell limit 50 s, test limits 30-70 s" in record_timings(lab, results)
+    recorded = json.loads((lab.suite_dir / TIMINGS_FILE).read_text())
+    assert recorded["slowest_cell_seconds"] == 2.3 and recorded["tests"] == {"test_a": 0.4, "test_b": 3.2}
+    # Noise that leaves every limit where it was leaves the file alone; a real change rewrites it.
+    results["tests"][1]["extra_data"]["seconds"] = 3.4
+    assert record_timings(lab, results) == ""
+    results["tests"][1]["extra_data"]["seconds"] = 9.0
+    assert "test limits 30-180 s" in record_timings(lab, results)

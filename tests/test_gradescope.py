@@ -36,6 +36,8 @@ def test_run_autograder_grades_the_submission_folder(toy_course, tmp_path):
     by_name = {t["name"]: t for t in results["tests"]}
     assert by_name["test_double"]["score"] == 3 and by_name["test_module_forward_and_grads"]["score"] == 2
     assert results["score"] == 6
+    # The zip ships no notebook: the hint travels with the suite.
+    assert "Hint: slow() must return 1 without looping forever." in by_name["test_slow_function"]["output"]
     assert (root / "results" / "feedback.html").exists()
 
 

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from coursekit.testing import assert_close, assert_shape
+from coursekit import testing
+from coursekit.testing import assert_close, assert_shape, gen
 
 TOL = {
     torch.float32: dict(atol=2e-5, rtol=1e-4),
@@ -38,13 +39,9 @@ GRAD_TOL = {
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def randn(g: torch.Generator, *shape: int, dtype=torch.float32) -> torch.Tensor:
-    """Drawn in float64 then rounded, so the oracle sees exactly the student's input values."""
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    """This suite's inputs are float32 unless a test says otherwise."""
+    return testing.randn(g, *shape, dtype=dtype)
 
 
 def random_mask(g: torch.Generator, *shape: int, p_keep: float = 0.6) -> torch.Tensor:

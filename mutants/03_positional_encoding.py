@@ -1,5 +1,5 @@
 """Plausible wrong implementations of lab 03 (positional encodings)."""
-from tests.mutation import Mutant
+from mutants.mutation import Mutant
 
 MUTANTS = [
     Mutant(
@@ -8,14 +8,14 @@ MUTANTS = [
         [("    pe[:, 0::2] = torch.sin(angles)   # even columns\n"
           "    pe[:, 1::2] = torch.cos(angles)   # odd columns: interleaved with the sines\n",
           "    pe = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)\n")],
-        ["test_sinusoidal_table", "test_sinusoidal_module_adds_table", "test_sinusoidal_module_buffer_not_parameter"],
+        ["test_sinusoidal_table", "test_sinusoidal_module_adds_table", "test_sinusoidal_module_buffer_not_parameter"], always=True,
     ),
     Mutant(
         "sinusoidal_exponent_i",
         "the exponent uses i instead of 2i: omega_i = 10000^(-i/d)",
         [("two_i = torch.arange(0, d_model, 2, dtype=torch.float64)",
           "two_i = torch.arange(d_model // 2, dtype=torch.float64)")],
-        ["test_sinusoidal_table", "test_sinusoidal_module_adds_table"],
+        ["test_sinusoidal_table", "test_sinusoidal_module_adds_table"], always=True,
     ),
     Mutant(
         "sinusoidal_table_is_parameter",
@@ -49,7 +49,7 @@ MUTANTS = [
         "rope_half_split_pairs_adjacent",
         "the default (half-split) mode pairs adjacent dimensions (2i, 2i+1) but writes the halves back",
         [("x1, x2 = x[..., :half], x[..., half:]", "x1, x2 = x[..., 0::2], x[..., 1::2]")],
-        ["test_rope_llama_half_split", "test_rope_default_is_half_split"],
+        ["test_rope_llama_half_split", "test_rope_default_is_half_split"], always=True,
     ),
     Mutant(
         "rope_interleaved_flag_ignored",
@@ -66,7 +66,7 @@ MUTANTS = [
         [("positions = torch.as_tensor(positions, device=x.device).to(angle_dtype)",
           "positions = torch.arange(x.size(-2), device=x.device).to(angle_dtype)")],
         ["test_rope_llama_half_split", "test_rope_gptj_interleaved", "test_rope_default_is_half_split",
-         "test_rope_relative_property", "test_rope_gradients"],
+         "test_rope_relative_property", "test_rope_gradients"], always=True,
     ),
     Mutant(
         "rope_off_by_one",
@@ -74,7 +74,7 @@ MUTANTS = [
         [("positions = torch.as_tensor(positions, device=x.device).to(angle_dtype)",
           "positions = (torch.as_tensor(positions, device=x.device) + 1).to(angle_dtype)")],
         ["test_rope_llama_half_split", "test_rope_gptj_interleaved", "test_rope_default_is_half_split",
-         "test_rope_gradients"],
+         "test_rope_gradients"], always=True,
     ),
     Mutant(
         "rope_frequency_i_over_d",
@@ -93,7 +93,7 @@ MUTANTS = [
         "alibi_naive_slopes",
         "slopes 2^(-8h/n) for every head count, also when n is not a power of two",
         [("closest_power_of_2 = 2 ** math.floor(math.log2(num_heads))", "closest_power_of_2 = num_heads")],
-        ["test_alibi_slopes_bloom", "test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"],
+        ["test_alibi_slopes_bloom", "test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"], always=True,
     ),
     Mutant(
         "alibi_extra_slopes_not_interleaved",
@@ -105,7 +105,7 @@ MUTANTS = [
         "alibi_wrong_sign",
         "the bias rewards distance (+slope * |i - j|) instead of penalising it",
         [("return -slopes[:, None, None] * distance", "return slopes[:, None, None] * distance")],
-        ["test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"],
+        ["test_alibi_bias_formula", "test_alibi_softmax_matches_bloom"], always=True,
     ),
     Mutant(
         "alibi_top_left_aligned",

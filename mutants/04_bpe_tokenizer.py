@@ -1,9 +1,9 @@
 """Plausible wrong implementations of lab 04 (byte-level BPE from scratch).
 
-The first ones are the mistakes the lab's issue names; the others are further mistakes students
+The first ones (always=True) are graded on every test run; the others are further mistakes students
 make, each aimed at one part of the contract so that every hidden test is shown to have teeth.
 """
-from tests.mutation import Mutant
+from mutants.mutation import Mutant
 
 # The solution's incremental merge loop, replaced whole by the recount-everything mutant.
 _INCREMENTAL_LOOP = '''    while len(merges) < num_merges and pair_counts:
@@ -37,7 +37,7 @@ _RECOUNT_LOOP = '''    while len(merges) < num_merges:
 '''
 
 MUTANTS = [
-    # -- the mistakes named in the issue ---------------------------------------------------------
+    # -- always graded --------------------------------------------------------------------------
     Mutant(
         name="ties_first_occurrence",
         why="Ties between equally frequent pairs go to the first pair found in the counts (dict order) "
@@ -46,7 +46,7 @@ MUTANTS = [
             "best = max(pair for pair, count in pair_counts.items() if count == top)",
             "best = next(pair for pair, count in pair_counts.items() if count == top)",
         )],
-        loses=["test_train_ties", "test_train_tinyshakespeare_merges"],
+        loses=["test_train_ties", "test_train_tinyshakespeare_merges"], always=True,
     ),
     Mutant(
         name="ties_smallest_pair",
@@ -55,7 +55,7 @@ MUTANTS = [
             "best = max(pair for pair, count in pair_counts.items() if count == top)",
             "best = min(pair for pair, count in pair_counts.items() if count == top)",
         )],
-        loses=["test_train_ties", "test_train_tinyshakespeare_merges"],
+        loses=["test_train_ties", "test_train_tinyshakespeare_merges"], always=True,
     ),
     Mutant(
         name="overlapping_pairs_counted_once",
@@ -69,7 +69,7 @@ MUTANTS = [
             ("            for pair in zip(tokens, tokens[1:]):\n                pair_counts[pair] += freq",
              "            for pair in set(zip(tokens, tokens[1:])):\n                pair_counts[pair] += freq"),
         ],
-        loses=["test_train_overlapping_pairs"],
+        loses=["test_train_overlapping_pairs"], always=True,
     ),
     Mutant(
         name="overlapping_merge",
@@ -79,7 +79,7 @@ MUTANTS = [
             "i += 2  # both halves are used up: an overlapping occurrence cannot reuse `second`",
             "i += 1",
         )],
-        loses=["test_train_overlapping_pairs"],
+        loses=["test_train_overlapping_pairs"], always=True,
     ),
     Mutant(
         name="merges_cross_pretokens",
@@ -87,13 +87,13 @@ MUTANTS = [
             "word and punctuation boundaries (whole lines rather than whole chunks keep the mutant fast "
             "enough to grade).",
         patches=[("word_counts.update(pretokenize(piece))", "word_counts.update(piece.splitlines(keepends=True))")],
-        loses=["test_train_pretoken_boundaries", "test_train_tinyshakespeare_merges"],
+        loses=["test_train_pretoken_boundaries", "test_train_tinyshakespeare_merges"], always=True,
     ),
     Mutant(
         name="special_tokens_trained_on",
         why="Training does not cut the text at special tokens, so their characters take part in merges.",
         patches=[("split_on_special_tokens(text, specials)", "[text]")],
-        loses=["test_train_special_tokens"],
+        loses=["test_train_special_tokens"], always=True,
     ),
     Mutant(
         name="special_tokens_encoded_as_text",
@@ -111,7 +111,7 @@ MUTANTS = [
             "pairs = list(zip(tokens, tokens[1:]))\n"
             "            best = max(pairs, key=lambda pair: (pair in self.ranks, pairs.count(pair)))",
         )],
-        loses=["test_encode_applies_merges_by_rank", "test_gpt2_encode_matches_tokenizers"],
+        loses=["test_encode_applies_merges_by_rank", "test_gpt2_encode_matches_tokenizers"], always=True,
     ),
     Mutant(
         name="decode_token_by_token",
@@ -121,20 +121,20 @@ MUTANTS = [
             'return b"".join(self.vocab[int(i)] for i in ids).decode("utf-8", errors="replace")',
             'return "".join(self.vocab[int(i)].decode("utf-8", errors="replace") for i in ids)',
         )],
-        loses=["test_decode_split_multibyte", "test_gpt2_decode"],
+        loses=["test_decode_split_multibyte", "test_gpt2_decode"], always=True,
     ),
     Mutant(
         name="regex_without_contractions",
         why="The GPT-2 pattern without its contraction alternatives: \"don't\" is split don / ' / t.",
         patches=[(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+", r" ?\p{L}+")],
-        loses=["test_gpt2_encode_matches_tokenizers", "test_train_pretoken_boundaries"],
+        loses=["test_gpt2_encode_matches_tokenizers", "test_train_pretoken_boundaries"], always=True,
     ),
     Mutant(
         name="recount_every_merge",
         why="A correct trainer that recounts every pair of every word after each merge: same merges, "
             "far too slow on a real corpus.",
         patches=[(_INCREMENTAL_LOOP, _RECOUNT_LOOP)],
-        loses=["test_train_tinyshakespeare_speed"],
+        loses=["test_train_tinyshakespeare_speed"], always=True,
     ),
     # -- further mistakes --------------------------------------------------------------------------
     Mutant(

@@ -1,44 +1,44 @@
 """Plausible wrong implementations of lab 05 (fine-tuning BERT for sentiment classification).
 
-The first eight are the ones the lab's issue names; the others are further mistakes students make,
+The first eight (always=True) are graded on every test run; the others are further mistakes students make,
 each aimed at one part of the contract so that every group of hidden tests is shown to have teeth.
 """
-from tests.mutation import Mutant
+from mutants.mutation import Mutant
 
 MUTANTS = [
-    # -- the ones named in the issue -----------------------------------------------------------
+    # -- always graded ------------------------------------------------------------------------
     Mutant(
         name="mean_pool_over_padding",
         why="Mean pooling averages every position, padding included (hidden_states.mean(dim=1)), so a "
             "sentence's vector depends on the other sentences of its batch.",
         patches=[("    return summed / counts\n", "    return hidden_states.mean(dim=-2)\n")],
         loses=["test_mean_pool_matches_formula", "test_mean_pool_all_padding_row", "test_mean_pool_gradients",
-               "test_classifier_logits", "test_classifier_gradients"],
+               "test_classifier_logits", "test_classifier_gradients"], always=True,
     ),
     Mutant(
         name="cls_wrong_index",
         why="The [CLS] vector taken from the last position (hidden[:, -1], GPT-style) instead of position 0; "
             "with right padding that is usually a [PAD] token.",
         patches=[("pooled = hidden[:, 0]", "pooled = hidden[:, -1]")],
-        loses=["test_classifier_logits", "test_classifier_gradients", "test_classifier_dropout_in_train_mode"],
+        loses=["test_classifier_logits", "test_classifier_gradients", "test_classifier_dropout_in_train_mode"], always=True,
     ),
     Mutant(
         name="train_forgets_model_train",
         why="train_one_epoch never calls model.train(): after an evaluation the model trains with dropout off.",
         patches=[("    model.train()   # dropout on\n", "")],
-        loses=["test_train_one_epoch_sets_train_mode"],
+        loses=["test_train_one_epoch_sets_train_mode"], always=True,
     ),
     Mutant(
         name="evaluate_forgets_model_eval",
         why="evaluate never calls model.eval(): dropout stays on, and the metrics are noisy.",
         patches=[("    model.eval()   # dropout off: the same input always gives the same prediction\n", "")],
-        loses=["test_evaluate_uses_eval_mode"],
+        loses=["test_evaluate_uses_eval_mode"], always=True,
     ),
     Mutant(
         name="no_zero_grad",
         why="optimizer.step() without optimizer.zero_grad(): gradients accumulate over the epoch.",
         patches=[("        optimizer.zero_grad()\n", "")],
-        loses=["test_train_one_epoch_matches_reference", "test_train_one_epoch_steps_scheduler_per_batch"],
+        loses=["test_train_one_epoch_matches_reference", "test_train_one_epoch_steps_scheduler_per_batch"], always=True,
     ),
     Mutant(
         name="scheduler_per_epoch",
@@ -50,7 +50,7 @@ MUTANTS = [
             ("    if batches == 0:\n", "    if scheduler is not None:\n        scheduler.step()\n    if batches == 0:\n"),
         ],
         loses=["test_train_one_epoch_matches_reference", "test_train_one_epoch_steps_scheduler_per_batch",
-               "test_end_to_end_finetuning"],
+               "test_end_to_end_finetuning"], always=True,
     ),
     Mutant(
         name="f1_of_negative_class",
@@ -59,13 +59,13 @@ MUTANTS = [
             ("f1_denominator = 2 * tp + fp + fn", "f1_denominator = 2 * tn + fp + fn"),
             ('"f1": 2 * tp / f1_denominator', '"f1": 2 * tn / f1_denominator'),
         ],
-        loses=["test_evaluate_matches_sklearn", "test_evaluate_f1_undefined"],
+        loses=["test_evaluate_matches_sklearn", "test_evaluate_f1_undefined"], always=True,
     ),
     Mutant(
         name="confusion_matrix_transposed",
         why="Confusion matrix with rows = prediction and columns = truth (the transpose of scikit-learn's).",
         patches=[('"confusion_matrix": [[tn, fp], [fn, tp]]', '"confusion_matrix": [[tn, fn], [fp, tp]]')],
-        loses=["test_evaluate_matches_sklearn"],
+        loses=["test_evaluate_matches_sklearn"], always=True,
     ),
     # -- further mistakes -----------------------------------------------------------------------
     Mutant(

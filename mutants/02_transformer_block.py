@@ -1,5 +1,5 @@
 """Plausible wrong implementations of lab 02 (the encoder block, stacked); each must lose points."""
-from tests.mutation import Mutant
+from mutants.mutation import Mutant
 
 ENCODER_PRE_LN = (
     "            h = self.norm1(x)\n"
@@ -30,7 +30,7 @@ MUTANTS = [
           "            h = self.norm2(x)\n"
           "            x = h + self.dropout2(self.ffn(h))\n")],
         ["test_encoder_layer_matches_pytorch", "test_encoder_layer_masks", "test_encoder_layer_gradients",
-         "test_encoder_stack_matches_pytorch", "test_float32"],
+         "test_encoder_stack_matches_pytorch", "test_float32"], always=True,
     ),
     Mutant(
         "pre_and_post_ln_swapped",
@@ -38,7 +38,7 @@ MUTANTS = [
         [("        if self.norm_first:\n            # The sublayers read a normalised copy",
           "        if not self.norm_first:\n            # The sublayers read a normalised copy")],
         ["test_encoder_layer_matches_pytorch", "test_encoder_layer_default_arguments", "test_encoder_layer_masks",
-         "test_encoder_stack_matches_pytorch", "test_encoder_final_norm"],
+         "test_encoder_stack_matches_pytorch", "test_encoder_final_norm"], always=True,
     ),
     Mutant(
         "final_pre_ln_norm_not_applied",
@@ -50,7 +50,7 @@ MUTANTS = [
         "final_pre_ln_norm_missing",
         "the Pre-LN stack has no final LayerNorm at all",
         [("self.norm = nn.LayerNorm(d_model) if norm_first else None", "self.norm = None")],
-        ["test_encoder_final_norm", "test_parameter_names", "test_encoder_stack_matches_pytorch"],
+        ["test_encoder_final_norm", "test_parameter_names", "test_encoder_stack_matches_pytorch"], always=True,
     ),
     Mutant(
         "post_ln_stack_with_final_norm",

@@ -17,7 +17,8 @@ class Mutant:
     name: str
     why: str
     patches: list[tuple[str, str]]
-    loses: list[str] = field(default_factory=list)
+    loses: list[str] = field(default_factory=list)   # the hidden tests that must catch it
+    always: bool = False    # graded on every run of the project's tests, not only with COURSE_ALL_MUTANTS=1
 
     def apply(self, nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         mutated = copy.deepcopy(nb)

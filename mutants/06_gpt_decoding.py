@@ -1,27 +1,27 @@
 """Plausible wrong implementations of lab 06 (decoding strategies).
 
-The first nine are the ones the lab's issue names; the others are further mistakes students make,
+The first nine (always=True) are graded on every test run; the others are further mistakes students make,
 each aimed at one part of the contract so that every hidden test is shown to have teeth.
 """
-from tests.mutation import Mutant
+from mutants.mutation import Mutant
 
 BEAM_TESTS = ["test_beam_search_gpt2", "test_beam_search_length_normalisation", "test_beam_search_early_eos"]
 
 MUTANTS = [
-    # -- the nine named in the issue -----------------------------------------------------------------
+    # -- always graded ------------------------------------------------------------------------------
     Mutant(
         name="top_p_drops_crossing_token",
         why="Top-p keeps only the tokens whose cumulative probability stays within p, dropping the token "
             "that crosses the threshold (the set then no longer reaches p).",
         patches=[("remove_sorted = mass_before >= p", "remove_sorted = probs.cumsum(dim=-1) > p")],
-        loses=["test_top_p_filter", "test_top_p_extremes", "test_sample_support", "test_sample_frequencies"],
+        loses=["test_top_p_filter", "test_top_p_extremes", "test_sample_support", "test_sample_frequencies"], always=True,
     ),
     Mutant(
         name="top_p_keeps_tail",
         why="Top-p sorts the probabilities in increasing order, so it keeps the least likely tokens (the "
             "tail) instead of the most likely ones (the head).",
         patches=[("torch.sort(logits, dim=-1, descending=True)", "torch.sort(logits, dim=-1, descending=False)")],
-        loses=["test_top_p_filter", "test_top_p_extremes", "test_sample_support", "test_sample_frequencies"],
+        loses=["test_top_p_filter", "test_top_p_extremes", "test_sample_support", "test_sample_frequencies"], always=True,
     ),
     Mutant(
         name="top_k_ties_by_index",
@@ -34,7 +34,7 @@ MUTANTS = [
             '    remove = torch.ones_like(logits, dtype=torch.bool).scatter(-1, keep, False)\n'
             '    return logits.masked_fill(remove, float("-inf"))',
         )],
-        loses=["test_top_k_ties"],
+        loses=["test_top_k_ties"], always=True,
     ),
     Mutant(
         name="temperature_after_filters",
@@ -45,7 +45,7 @@ MUTANTS = [
             ("probs = logits.softmax(dim=-1)\n    draws",
              "probs = apply_temperature(logits, temperature).softmax(dim=-1)\n    draws"),
         ],
-        loses=["test_sample_support", "test_sample_frequencies"],
+        loses=["test_sample_support", "test_sample_frequencies"], always=True,
     ),
     Mutant(
         name="beam_sums_raw_logits",
@@ -55,13 +55,13 @@ MUTANTS = [
             "log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)",
             "log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32))",
         )],
-        loses=BEAM_TESTS,
+        loses=BEAM_TESTS, always=True,
     ),
     Mutant(
         name="beam_no_length_normalisation",
         why="Finished hypotheses are scored by their summed log-probability, ignoring length_penalty.",
         patches=[("finished.append((total / gen_len ** length_penalty, ids))", "finished.append((total, ids))")],
-        loses=BEAM_TESTS,
+        loses=BEAM_TESTS, always=True,
     ),
     Mutant(
         name="beam_counts_prompt_in_length",
@@ -69,7 +69,7 @@ MUTANTS = [
             "the number of generated tokens.",
         patches=[("finished.append((total / gen_len ** length_penalty, ids))",
                   "finished.append((total / (gen_len + input_ids.shape[1]) ** length_penalty, ids))")],
-        loses=BEAM_TESTS,
+        loses=BEAM_TESTS, always=True,
     ),
     Mutant(
         name="beam_identical_beams",
@@ -77,14 +77,14 @@ MUTANTS = [
             "candidates of the first step are the same continuation num_beams times: after the first step "
             "all beams are identical.",
         patches=[("beams = [(input_ids[0], 0.0)]  #", "beams = [(input_ids[0], 0.0)] * num_beams  #")],
-        loses=["test_beam_search_gpt2", "test_beam_search_length_normalisation"],
+        loses=["test_beam_search_gpt2", "test_beam_search_length_normalisation"], always=True,
     ),
     Mutant(
         name="greedy_ignores_eos",
         why="Greedy decoding does not stop after emitting the EOS token; it always runs to max_new_tokens.",
         patches=[("            if eos_token_id is not None and next_id.item() == eos_token_id:\n"
                   "                break", "            pass")],
-        loses=["test_greedy_stops_at_eos", "test_greedy_plain_callable", "test_generate_dispatch"],
+        loses=["test_greedy_stops_at_eos", "test_greedy_plain_callable", "test_generate_dispatch"], always=True,
     ),
     # -- further mistakes ------------------------------------------------------------------------------
     Mutant(

@@ -1,12 +1,12 @@
 """Plausible wrong implementations of lab 01 (attention from scratch).
 
-The first six are the ones the lab's issue names; the others are further mistakes students make,
+The first six (always=True) are graded on every test run; the others are further mistakes students make,
 each aimed at one part of the contract so that every hidden test is shown to have teeth.
 """
-from tests.mutation import Mutant
+from mutants.mutation import Mutant
 
 MUTANTS = [
-    # -- the six named in the issue ------------------------------------------------------------
+    # -- always graded -----------------------------------------------------------------------
     Mutant(
         name="scaled_by_d_model",
         why="Scores divided by sqrt(d_model) (the model width) instead of sqrt(d_k) (the head width). "
@@ -18,7 +18,7 @@ MUTANTS = [
             "q = self._split_heads(self.w_q(query)) / math.sqrt(self.num_heads)",
         )],
         loses=["test_mha_matches_nn_multihead_attention", "test_mha_masks", "test_mha_cross_attention",
-               "test_mha_gradients", "test_mha_calls_student_sdpa"],
+               "test_mha_gradients", "test_mha_calls_student_sdpa"], always=True,
     ),
     Mutant(
         name="softmax_wrong_dim",
@@ -30,7 +30,7 @@ MUTANTS = [
         ],
         loses=["test_sdpa_matches_pytorch", "test_sdpa_masks", "test_sdpa_float64",
                "test_sdpa_extra_batch_dims", "test_sdpa_gradients", "test_sdpa_large_scores",
-               "test_mha_matches_nn_multihead_attention", "test_mha_cross_attention"],
+               "test_mha_matches_nn_multihead_attention", "test_mha_cross_attention"], always=True,
     ),
     Mutant(
         name="inverted_mask",
@@ -40,7 +40,7 @@ MUTANTS = [
             'scores = scores.masked_fill(mask, float("-inf"))',
         )],
         loses=["test_sdpa_masks", "test_sdpa_fully_masked_rows", "test_mha_masks",
-               "test_mha_cross_attention", "test_mha_calls_student_sdpa"],
+               "test_mha_cross_attention", "test_mha_calls_student_sdpa"], always=True,
     ),
     Mutant(
         name="mask_after_softmax",
@@ -53,7 +53,7 @@ MUTANTS = [
              "    if dropout_p > 0.0:\n        weights = F.dropout(weights, p=dropout_p)"),
         ],
         loses=["test_sdpa_masks", "test_sdpa_fully_masked_rows", "test_mha_masks",
-               "test_mha_calls_student_sdpa"],
+               "test_mha_calls_student_sdpa"], always=True,
     ),
     Mutant(
         name="heads_split_wrong_order",
@@ -66,14 +66,14 @@ MUTANTS = [
             ("return x.transpose(-3, -2).flatten(-2)", "return x.movedim(-3, -1).flatten(-2)"),
         ],
         loses=["test_mha_matches_nn_multihead_attention", "test_mha_masks", "test_mha_cross_attention",
-               "test_mha_gradients", "test_mha_dropout", "test_mha_calls_student_sdpa"],
+               "test_mha_gradients", "test_mha_dropout", "test_mha_calls_student_sdpa"], always=True,
     ),
     Mutant(
         name="no_max_subtraction",
         why="Softmax without subtracting the row maximum: exp(1e4) overflows to inf and exp(-1e4) "
             "underflows to 0, giving NaN.",
         patches=[("exps = torch.exp(scores - row_max)", "exps = torch.exp(scores)")],
-        loses=["test_sdpa_large_scores"],
+        loses=["test_sdpa_large_scores"], always=True,
     ),
     # -- further mistakes --------------------------------------------------------------------------
     Mutant(

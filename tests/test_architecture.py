@@ -1,0 +1,61 @@
+"""The engine's imports go one way: no cycles among coursekit's modules (imports inside
+functions included), and the batch side (the command line, batching, runners, archives,
+exports) never loads torch or jupyter_client, which only a grading worker needs."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "coursekit"
+BATCH_SIDE = ["cli", "batch", "runners", "archive", "gradebook", "gradescope", "results", "check", "release",
+              "feedback", "keys", "config"]
+
+
+def imports_of(path: Path) -> set[str]:
+    """coursekit modules imported anywhere in the file, except under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", "")) == "TYPE_CHECKING"
+                   for child in block.body for node in ast.walk(child)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("coursekit"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:  # from coursekit import wire
+                found |= {alias.name for alias in node.names if (PACKAGE / f"{alias.name}.py").exists()}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("coursekit.")}
+    return found - {path.stem}
+
+
+def test_no_import_cycles_in_the_engine():
+    graph = {path.stem: imports_of(path) for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                cycle = trail[trail.index(target):] + [target] if target in trail else [module, target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, trail + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_batch_side_loads_neither_torch_nor_jupyter_client():
+    code = (f"import sys\nfor m in {BATCH_SIDE!r}:\n    __import__('coursekit.' + m)\n"
+            "print(sorted(m for m in ('torch', 'jupyter_client', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == "[]", f"importing the batch side loaded {out.strip()}"

@@ -1,0 +1,40 @@
+"""Student processes started ahead: each warm worker starts the sandboxed kernel of the
+submission it expects while the one before is graded, and that kernel serves that one
+submission alone: never a second one, never anything of another."""
+from __future__ import annotations
+
+import json
+
+from coursekit.batch import discover, grade_batch
+from coursekit.results import RESULTS_FILE
+
+from .conftest import toy_notebook
+from .test_orphans import processes
+
+# A file a submission leaves in its working folder: the next submission must not find it.
+LEAVE = ("open('left-behind.txt', 'w').write('secret')\n"
+         "def double(x):\n    if isinstance(x, str):\n        raise TypeError('no')\n    return x * 2", None)
+PEEK = ("import os, glob\nSEEN = glob.glob('/tmp/course-student-*/left-behind.txt') + glob.glob('left-behind.txt')\n"
+        "def double(x):\n    if isinstance(x, str):\n        raise TypeError('no')\n"
+        "    return x * (3 if SEEN else 2)", None)
+
+
+def test_each_kernel_is_started_ahead_and_serves_one_submission(toy_course, tmp_path, write_notebook):
+    folder = tmp_path / "submissions"
+    for name, cells in [("first", [LEAVE]), ("second", [PEEK]), ("third", [PEEK])]:
+        write_notebook(toy_notebook([("import torch\nfrom torch import nn", None), *cells]), f"{name}.ipynb", folder)
+    rows = grade_batch(toy_course, discover(toy_course, [folder], "toy"), tmp_path / "out", workers=1,
+                       progress=False)
+    assert all(not r["problem"] for r in rows), rows
+    results = {r["student"]: json.loads((tmp_path / "out" / r["student"] / RESULTS_FILE).read_text())
+               for r in rows}
+    started = {name: res["extra_data"]["student_process"] for name, res in results.items()}
+    # Every kernel was started before its submission was handed over, each in a folder of its own.
+    assert all(p["started_ahead"] for p in started.values()), started
+    assert len({p["folder"] for p in started.values()}) == 3, started
+    # Nothing of the first submission was visible to the next ones: double() kept its factor 2.
+    for name in ("second", "third"):
+        scores = {t["name"]: t["score"] for t in results[name]["tests"]}
+        assert scores["test_double"] == 3, (name, results[name]["tests"][0]["output"])
+    # And no kernel is left once the batch is over.
+    assert not any(processes(p["folder"]) for p in started.values())
