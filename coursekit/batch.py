@@ -19,7 +19,7 @@ from tqdm import tqdm
 from coursekit.config import Course, Lab
 from coursekit.keys import submission_key
 from coursekit.notebook import SubmissionError, notebook_lab, read_notebook
-from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, failed_results, read_results,
+from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, Results, failed_results, read_results,
                                save_submission, write_gradebook)
 from coursekit.runners import Job, LocalRunner, Runner
 
@@ -146,6 +146,7 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     runner = runner or LocalRunner()
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
+    graded: dict[str, Results] = {}   # read or written once per submission, kept for the gradebook
     todo: list[tuple[Submission, str]] = []
     for sub in submissions:
         if sub.problem:
@@ -153,8 +154,8 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
             continue
         key = submission_key(sub.lab, sub.notebook, sub.only)
         previous = read_results(out / sub.name / RESULTS_FILE)
-        if not force and previous and previous.get("extra_data", {}).get("key") == key:
-            rows[sub.name] = _row(sub, previous)
+        if not force and previous and previous.key == key:
+            rows[sub.name], graded[sub.name] = _row(sub, previous), previous
         else:
             todo.append((sub, key))
 
@@ -169,7 +170,8 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
             futures = {pool.submit(_grade_one, runner, sub, job): sub for sub, job in jobs}
             for future in as_completed(futures):
                 sub = futures[future]
-                rows[sub.name] = _row(sub, future.result())
+                graded[sub.name] = future.result()
+                rows[sub.name] = _row(sub, graded[sub.name])
                 bar.update(1)
                 bar.set_postfix_str(sub.name[:30])
     finally:
@@ -178,20 +180,19 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     ordered = [rows[s.name] for s in submissions]
     write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
     if gradebook:
-        _record_in_nbgrader(course, [s for s in submissions if s.in_nbgrader_tree and s.lab and s.notebook], out)
+        _record_in_nbgrader(course, [s for s in submissions if s.in_nbgrader_tree and s.lab and s.notebook], graded)
     return ordered
 
 
-def _record_in_nbgrader(course: Course, submissions: list[Submission], out: Path) -> None:
+def _record_in_nbgrader(course: Course, submissions: list[Submission], graded: dict[str, Results]) -> None:
     from coursekit.gradebook import open_gradebook, record, register_lab
 
     with open_gradebook(course) as book:
         for lab in {s.lab.id: s.lab for s in submissions}.values():
             register_lab(course, lab, book)
         for sub in submissions:
-            results = read_results(out / sub.name / RESULTS_FILE)
-            if results is not None:
-                record(course, sub.lab, book, sub.student, sub.notebook, results)
+            if sub.name in graded:
+                record(course, sub.lab, book, sub.student, sub.notebook, graded[sub.name])
 
 
 def _job(course: Course, sub: Submission, key: str, out: Path, threads: int, private: tuple[Path, ...]) -> Job:
@@ -199,7 +200,7 @@ def _job(course: Course, sub: Submission, key: str, out: Path, threads: int, pri
     return Job(course, sub.lab, sub.notebook, out / sub.name, extra, threads, sub.only, private)
 
 
-def _grade_one(runner: Runner, sub: Submission, job: Job) -> dict:
+def _grade_one(runner: Runner, sub: Submission, job: Job) -> Results:
     """Run the worker; whatever happens to it, the submission ends with results."""
     job.folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -225,7 +226,7 @@ def submissions_root(notebook: Path) -> Path:
     return next((p for p in notebook.parents if p.name == "submitted"), notebook.parent)
 
 
-def _ungradable(sub: Submission, out: Path) -> dict | None:
+def _ungradable(sub: Submission, out: Path) -> Results | None:
     """A zero with the reason, in the student's feedback when the lab is known."""
     if sub.lab is None:
         return None
@@ -234,11 +235,10 @@ def _ungradable(sub: Submission, out: Path) -> dict | None:
     return results
 
 
-def _row(sub: Submission, results: dict | None, problem: str = "") -> dict:
-    extra = (results or {}).get("extra_data", {})
-    score = (results or {}).get("score", 0.0)
-    max_score = extra.get("max_score", sub.lab.max_score if sub.lab else 0.0)
-    problem = problem or str(extra.get("problem", ""))
+def _row(sub: Submission, results: Results | None, problem: str = "") -> dict:
+    score = results.score if results else 0.0
+    max_score = results.max_score if results else (sub.lab.max_score if sub.lab else 0.0)
+    problem = problem or (results.problem if results else "")
     return {"student": sub.student, "lab": sub.lab.id if sub.lab else "", "score": score, "max_score": max_score,
             "percent": round(100 * score / max_score, 1) if max_score else 0.0, "problem": problem}
 

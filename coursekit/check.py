@@ -25,7 +25,7 @@ from coursekit.batch import Submission, grade_batch
 from coursekit.config import TIMINGS_FILE, Course, Lab, derived_limit
 from coursekit.notebook import HINTS_FILE
 from coursekit.release import EXAMPLES, OUTPUT_FOLDERS, generate
-from coursekit.results import RESULTS_FILE, read_results, write_atomic
+from coursekit.results import RESULTS_FILE, Results, read_results, write_atomic
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # Lines this short ("return x", "pass") appear in any notebook; they prove no leak.
@@ -149,15 +149,15 @@ def check_grades(course: Course, labs: list[Lab], workers: int, report=print) ->
     return problems
 
 
-def record_timings(lab: Lab, results: dict | None) -> str:
+def record_timings(lab: Lab, results: Results | None) -> str:
     """What the reference needs (its slowest graded cell, each test), from which the
     lab's default cell and test limits derive (coursekit.config.derived_limit). Written
     only when the limits it gives differ from the recorded ones: a moved limit regrades
     every submission of the lab."""
     if not results:
         return ""
-    timings = {"slowest_cell_seconds": results["extra_data"]["seconds"].get("slowest_cell", 0.0),
-               "tests": {t["name"]: t["extra_data"]["seconds"] for t in results["tests"]},
+    timings = {"slowest_cell_seconds": results.timings.get("slowest_cell", 0.0),
+               "tests": {t.name: t.seconds for t in results.tests},
                "measured": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     path = lab.suite_dir / TIMINGS_FILE
 

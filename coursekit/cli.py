@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from coursekit.config import DEVICE_POLICIES, ConfigError, load_course
+from coursekit.export import ExportError
 from coursekit.release import ReleaseError
 
 
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("labs", nargs="*", help="lab ids (default: all)")
     check.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
 
+    export = commands.add_parser("export", help="grades of a results folder for an LMS (Canvas) or for analysis")
+    export.add_argument("out", type=Path, help="the --out folder of `course grade`")
+    export.add_argument("--format", choices=("canvas", "csv"), default="canvas",
+                        help="canvas: Canvas's gradebook import CSV; csv: one row per student, lab and test")
+    export.add_argument("--roster", type=Path, help="canvas: the class roster (Canvas's gradebook export)")
+    export.add_argument("--to", type=Path, help="the file to write (default: OUT/canvas.csv or OUT/tests.csv)")
+
     gradescope = commands.add_parser("gradescope", help="build a Gradescope autograder zip for one lab")
     gradescope.add_argument("lab")
     gradescope.add_argument("--out", type=Path, help="zip path (default: gradescope-<lab>.zip)")
@@ -53,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         course = load_course(args.course)
-        commands = {"grade": _grade, "release": _release, "check": _check, "gradescope": _gradescope}
+        commands = {"grade": _grade, "release": _release, "check": _check, "gradescope": _gradescope,
+                    "export": _export}
         return commands[args.command](course, args)
     # ConnectionError: a Ray cluster that cannot be reached.
-    except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError) as exc:
+    except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError, ExportError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
 
@@ -116,6 +125,23 @@ def _check(course, args) -> int:
         print(f"FAIL {problem}")
     print("course check: all good" if not problems else f"course check: {len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def _export(course, args) -> int:
+    from coursekit.export import canvas_csv, graded_results, read_roster, tests_csv
+    from coursekit.results import write_atomic
+
+    graded = graded_results(args.out)
+    if args.format == "canvas":
+        text, warnings = canvas_csv(course, graded, read_roster(args.roster) if args.roster else None)
+    else:
+        text, warnings = tests_csv(graded), []
+    target = args.to or args.out / ("canvas.csv" if args.format == "canvas" else "tests.csv")
+    write_atomic(target, text)
+    for warning in warnings:
+        print(f"course: warning: {warning}", file=sys.stderr)
+    print(f"{target}: {len({g.student for g in graded})} student(s), {len(graded)} graded submission(s)")
+    return 0
 
 
 def _gradescope(course, args) -> int:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 from html import escape
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from coursekit.results import Results
 
 STYLE = """
 body{font:15px/1.5 system-ui,sans-serif;max-width:920px;margin:2em auto;padding:0 1em;color:#222}
@@ -32,22 +36,22 @@ def shown(visibility: str, due: dt.datetime | None, now: dt.datetime, published:
     return True
 
 
-def render(results: dict, title: str, due: dt.datetime | None = None, now: dt.datetime | None = None,
+def render(results: Results, title: str, due: dt.datetime | None = None, now: dt.datetime | None = None,
            published: bool = False) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
-    tests = [t for t in results.get("tests", []) if shown(t.get("visibility", "visible"), due, now, published)]
-    withheld = len(results.get("tests", [])) - len(tests)
-    score = sum(t["score"] for t in tests)
-    max_score = sum(t["max_score"] for t in tests)
+    tests = [t for t in results.tests if shown(t.visibility, due, now, published)]
+    withheld = len(results.tests) - len(tests)
+    score = sum(t.score for t in tests)
+    max_score = sum(t.max_score for t in tests)
     rows = []
     for test in tests:
-        status = "passed" if test["status"] == "passed" else "failed"
-        detail = f"<pre>{escape(test['output'])}</pre>" if test.get("output") else ""
-        rows.append(f"<tr><td>{escape(test['name'])}{detail}</td>"
-                    f"<td class='{status}'>{status}</td><td>{test['score']:g} / {test['max_score']:g}</td></tr>")
+        status = "passed" if test.status == "passed" else "failed"
+        detail = f"<pre>{escape(test.output)}</pre>" if test.output else ""
+        rows.append(f"<tr><td>{escape(test.name)}{detail}</td>"
+                    f"<td class='{status}'>{status}</td><td>{test.score:g} / {test.max_score:g}</td></tr>")
     notes = []
-    if results.get("output"):
-        notes.append(f"<div class='note'><b>About your notebook</b><pre>{escape(results['output'])}</pre></div>")
+    if results.output:
+        notes.append(f"<div class='note'><b>About your notebook</b><pre>{escape(results.output)}</pre></div>")
     if withheld:
         notes.append(f"<p>{withheld} more test(s) will be shown later (after the due date or when grades "
                      "are published); the score above counts only the tests shown.</p>")
@@ -55,4 +59,4 @@ def render(results: dict, title: str, due: dt.datetime | None = None, now: dt.da
             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>"
             f"<div class='score'>Score: <b>{score:g} / {max_score:g}</b></div>{''.join(notes)}"
             f"<table><tr><th>test</th><th>status</th><th>points</th></tr>{''.join(rows)}</table>"
-            f"<p><small>Graded in {results.get('execution_time', 0):g} s.</small></p></body></html>\n")
+            f"<p><small>Graded in {results.execution_time:g} s.</small></p></body></html>\n")

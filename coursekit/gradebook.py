@@ -18,6 +18,7 @@ import nbformat
 
 from coursekit.config import Course, Lab
 from coursekit.release import put_nbgrader_tools_on_path
+from coursekit.results import Results
 
 HIDDEN_CELL = "hidden_tests"
 
@@ -71,7 +72,7 @@ def submission_timestamp(notebook: Path) -> dt.datetime | None:
     return parse_utc(stamp.read_text().strip())
 
 
-def record(course: Course, lab: Lab, gradebook, student: str, notebook: Path, results: dict) -> None:
+def record(course: Course, lab: Lab, gradebook, student: str, notebook: Path, results: Results) -> None:
     from nbgrader.api import MissingEntry
     from nbgrader.plugins import LateSubmissionPlugin
 
@@ -86,7 +87,7 @@ def record(course: Course, lab: Lab, gradebook, student: str, notebook: Path, re
     submitted = gradebook.find_submission_notebook(notebook_id, lab.id, student)
     for grade in submitted.grades:
         if grade.name == HIDDEN_CELL:
-            grade.auto_score = float(results["score"])
+            grade.auto_score = float(results.score)
             grade.needs_manual_grade = False
         elif grade.cell_type == "markdown" and grade.manual_score is None:
             grade.needs_manual_grade = True

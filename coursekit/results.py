@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from coursekit.config import Lab
@@ -32,25 +33,81 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def save_submission(folder: Path, lab: Lab, results: dict) -> None:
+@dataclass
+class TestResult:
+    """One hidden test function: its cases share its points."""
+    __test__ = False  # not a pytest test class
+    name: str
+    score: float
+    max_score: float
+    status: str            # "passed" or "failed"
+    output: str            # what failed and why, in the student's words, and the hint
+    visibility: str
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "extra_data": {"seconds": self.seconds}, "score": self.score,
+                "max_score": self.max_score, "status": self.status, "output": self.output,
+                "visibility": self.visibility}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TestResult:
+        return cls(str(data["name"]), float(data["score"]), float(data["max_score"]), str(data["status"]),
+                   str(data.get("output", "")), str(data.get("visibility", "visible")),
+                   float(data.get("extra_data", {}).get("seconds", 0.0)))
+
+
+@dataclass
+class Results:
+    """One submission's grade. On disk it is results.json in Gradescope's schema (the
+    typed fields here, and what else a run records under extra_data)."""
+    lab: str
+    score: float
+    max_score: float
+    tests: list[TestResult]
+    problem: str = ""              # why it could not be graded, or not entirely
+    output: str = ""               # what the student is told about the notebook itself
+    execution_time: float = 0.0
+    timings: dict = field(default_factory=dict)   # where the time went: total, startup, notebook, tests
+    key: str = ""                  # the content key a rerun compares (coursekit.keys); "" never matches
+    extra: dict = field(default_factory=dict)     # the rest: student, sandbox, environment, ...
+
+    def to_json(self) -> dict:
+        extra = {"lab": self.lab, "max_score": self.max_score, "problem": self.problem, "seconds": self.timings,
+                 **({"key": self.key} if self.key else {}), **self.extra}
+        return {"score": self.score, "execution_time": self.execution_time, "output": self.output,
+                "tests": [t.to_json() for t in self.tests], "extra_data": extra}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Results:
+        extra = dict(data["extra_data"])
+        fields = {name: extra.pop(name, default) for name, default in
+                  (("lab", ""), ("max_score", 0.0), ("problem", ""), ("seconds", {}), ("key", ""))}
+        return cls(lab=str(fields["lab"]), score=float(data["score"]), max_score=float(fields["max_score"]),
+                   tests=[TestResult.from_json(t) for t in data["tests"]], problem=str(fields["problem"]),
+                   output=str(data.get("output", "")), execution_time=float(data.get("execution_time", 0.0)),
+                   timings=dict(fields["seconds"]), key=str(fields["key"]), extra=extra)
+
+
+def save_submission(folder: Path, lab: Lab, results: Results) -> None:
     """results.json, then the student's feedback.html made from it."""
     from coursekit.feedback import render
 
     write_atomic(folder / FEEDBACK_FILE, render(results, f"{lab.title}: your results", lab.due))
-    write_atomic(folder / RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(folder / RESULTS_FILE, json.dumps(results.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
-def read_results(path: Path) -> dict | None:
+def read_results(path: Path) -> Results | None:
+    """A results.json, or None where there is none or it is not one (a rerun regrades it)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return Results.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return data if isinstance(data, dict) else None
 
 
-def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | None = None) -> list[dict]:
+def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | None = None) -> list[TestResult]:
     """One Gradescope test per test function; its cases share its points. A failed
-    test gets the instructor's hint for it, if the source notebook has one."""
+    test gets the instructor's hint for it, if the lab has one."""
     tests = []
     for name, spec in lab.tests.items():
         cases = [o for o in outcomes if o.function == name]
@@ -64,44 +121,34 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | N
             output = "\n".join([output, *failures]).strip()
             if (hints or {}).get(name):
                 output += f"\nHint: {hints[name]}"
-        tests.append({
-            "name": name,
-            "extra_data": {"seconds": round(sum(o.seconds for o in cases), 3)},
-            "score": round(score, 4),
-            "max_score": spec.points,
-            "status": "passed" if cases and passed == len(cases) else "failed",
-            "output": output,
-            "visibility": spec.visibility,
-        })
+        tests.append(TestResult(name, round(score, 4), spec.points,
+                                "passed" if cases and passed == len(cases) else "failed", output, spec.visibility,
+                                round(sum(o.seconds for o in cases), 3)))
     return tests
 
 
 def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None, seconds: float,
-                  extra: dict, problem: str = "", hints: dict[str, str] | None = None) -> dict:
+                  extra: dict, problem: str = "", hints: dict[str, str] | None = None) -> Results:
     tests = score_tests(lab, outcomes, hints)
     lines = [line for line in (problem, extra.get("note", "")) if line]
     if log is not None:
         lines += [f"Your notebook's {e.describe()}\n{e.traceback}" for e in log.cell_errors]
         if log.restarts:
             lines.append(f"Your notebook's process was restarted {log.restarts} time(s) after it hung or crashed.")
-    unscored = sorted({o.function for o in outcomes} - set(lab.tests))
-    tests_seconds = sum(o.seconds for o in outcomes)
     timing = {"total": round(seconds, 2)}
     if log is not None:
         # Case seconds exclude the waits for the kernel's start and the notebook's run (the plugin).
         timing.update(startup=round(log.startup_seconds, 2), notebook=round(log.notebook_seconds, 2),
-                      tests=round(tests_seconds, 2), slowest_cell=round(log.slowest_cell_seconds, 2))
-    return {
-        "score": round(sum(t["score"] for t in tests), 4),
-        "execution_time": round(seconds, 2),
-        "output": "\n\n".join(lines),
-        "tests": tests,
-        "extra_data": {"lab": lab.id, "max_score": lab.max_score, "unscored_tests": unscored,
-                       "problem": problem, "seconds": timing, **extra},
-    }
+                      tests=round(sum(o.seconds for o in outcomes), 2), slowest_cell=round(log.slowest_cell_seconds, 2))
+    extra = dict(extra)
+    key = str(extra.pop("key", ""))
+    extra["unscored_tests"] = sorted({o.function for o in outcomes} - set(lab.tests))
+    return Results(lab=lab.id, score=round(sum(t.score for t in tests), 4), max_score=lab.max_score, tests=tests,
+                   problem=problem, output="\n\n".join(lines), execution_time=round(seconds, 2), timings=timing,
+                   key=key, extra=extra)
 
 
-def failed_results(lab: Lab, message: str, seconds: float, extra: dict) -> dict:
+def failed_results(lab: Lab, message: str, seconds: float, extra: dict) -> Results:
     """The results of a submission that could not be graded at all."""
     return build_results(lab, [], None, seconds, extra, problem=message)
 

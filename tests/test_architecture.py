@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "coursekit"
-BATCH_SIDE = ["cli", "batch", "runners", "archive", "gradebook", "gradescope", "results", "check", "release",
+BATCH_SIDE = ["cli", "batch", "runners", "archive", "gradebook", "gradescope", "results", "check", "release", "export",
               "feedback", "keys", "config"]
 
 

@@ -63,18 +63,19 @@ def test_check_records_what_the_reference_needs_and_only_rewrites_on_a_new_limit
 
     from coursekit.check import record_timings
     from coursekit.config import TIMINGS_FILE
+    from coursekit.results import Results, TestResult
 
     lab = COURSE.lab(LABS[0])
     lab = type(lab)(**{**lab.__dict__, "root": tmp_path})
     lab.suite_dir.mkdir(parents=True)
-    results = {"extra_data": {"seconds": {"slowest_cell": 2.3}},
-               "tests": [{"name": "test_a", "extra_data": {"seconds": 0.4}},
-                         {"name": "test_b", "extra_data": {"seconds": 3.2}}]}
+    results = Results(lab.id, 1, 2, [TestResult("test_a", 1, 1, "passed", "", "visible", 0.4),
+                                     TestResult("test_b", 0, 1, "failed", "", "visible", 3.2)],
+                      timings={"slowest_cell": 2.3})
     assert "cell limit 50 s, test limits 30-70 s" in record_timings(lab, results)
     recorded = json.loads((lab.suite_dir / TIMINGS_FILE).read_text())
     assert recorded["slowest_cell_seconds"] == 2.3 and recorded["tests"] == {"test_a": 0.4, "test_b": 3.2}
     # Noise that leaves every limit where it was leaves the file alone; a real change rewrites it.
-    results["tests"][1]["extra_data"]["seconds"] = 3.4
+    results.tests[1].seconds = 3.4
     assert record_timings(lab, results) == ""
-    results["tests"][1]["extra_data"]["seconds"] = 9.0
+    results.tests[1].seconds = 9.0
     assert "test limits 30-180 s" in record_timings(lab, results)

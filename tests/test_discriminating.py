@@ -14,7 +14,7 @@ import pytest
 
 from coursekit.batch import Submission, grade_batch
 from coursekit.config import load_course
-from coursekit.results import RESULTS_FILE, read_results
+from coursekit.results import RESULTS_FILE, Results, read_results
 
 COURSE = load_course(Path(__file__).resolve().parent.parent / "course.yaml")
 REFERENCE = "reference"
@@ -45,9 +45,9 @@ LABS = list(COURSE.labs)
 @pytest.fixture(scope="session")
 def graded(tmp_path_factory):
     """Grade a lab's reference and mutants once, on first use."""
-    cache: dict[str, dict[str, dict]] = {}
+    cache: dict[str, dict[str, Results]] = {}
 
-    def grade(lab_id: str) -> dict[str, dict]:
+    def grade(lab_id: str) -> dict[str, Results]:
         if lab_id not in cache:
             lab = COURSE.lab(lab_id)
             folder = tmp_path_factory.mktemp(f"mutants-{lab_id}")
@@ -71,9 +71,9 @@ def graded(tmp_path_factory):
 @pytest.mark.parametrize("lab_id", LABS)
 def test_release_stub_scores_zero(graded, lab_id):
     results = graded(lab_id)[STUB]
-    assert results["extra_data"]["problem"] == "", results["extra_data"]["problem"]
-    assert results["score"] == 0, {t["name"]: t["score"] for t in results["tests"] if t["score"]}
-    assert len(results["tests"]) == len(COURSE.lab(lab_id).tests)
+    assert results.problem == "", results.problem
+    assert results.score == 0, {t.name: t.score for t in results.tests if t.score}
+    assert len(results.tests) == len(COURSE.lab(lab_id).tests)
 
 
 @pytest.mark.parametrize("lab_id", LABS)
@@ -87,21 +87,21 @@ def test_every_lab_has_mutants_that_always_run(lab_id):
 @pytest.mark.parametrize("lab_id", LABS)
 def test_reference_keeps_full_marks(graded, lab_id):
     results = graded(lab_id)[REFERENCE]
-    failing = {t["name"]: t["output"] for t in results["tests"] if t["score"] != t["max_score"]}
+    failing = {t.name: t.output for t in results.tests if t.score != t.max_score}
     assert not failing, f"the reference loses points: {failing}"
-    assert results["score"] == COURSE.lab(lab_id).max_score
+    assert results.score == COURSE.lab(lab_id).max_score
 
 
 @pytest.mark.parametrize("lab_id,mutant", CASES, ids=[f"{lab}-{m.name}" for lab, m in CASES])
 def test_mutant_loses_points(graded, lab_id, mutant):
     results = graded(lab_id)[mutant.name]
     assert mutant.loses, f"{mutant.name} names no test that should catch it"
-    assert results["extra_data"]["problem"] == "", f"grading the mutant failed: {results['extra_data']['problem']}"
-    assert results["extra_data"]["only_tests"] == sorted(mutant.loses)
-    by_name = {t["name"]: t for t in results["tests"]}
+    assert results.problem == "", f"grading the mutant failed: {results.problem}"
+    assert results.extra["only_tests"] == sorted(mutant.loses)
+    by_name = {t.name: t for t in results.tests}
     for name in mutant.loses:
         assert name in by_name, f"{mutant.name}: no test named {name} in course.yaml"
         # A test that did not run would lose its points for nothing: it must have run and failed.
-        assert "This test did not run." not in by_name[name]["output"], f"{mutant.name}: {name} did not run"
-        assert by_name[name]["score"] < by_name[name]["max_score"], (
+        assert "This test did not run." not in by_name[name].output, f"{mutant.name}: {name} did not run"
+        assert by_name[name].score < by_name[name].max_score, (
             f"{mutant.name} ({mutant.why}) keeps full marks on {name}")

@@ -2,16 +2,15 @@
 import datetime as dt
 
 from coursekit.feedback import render
+from coursekit.results import Results, TestResult
 
 NOW = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
 
 
 def _results(visibility):
-    return {"score": 1, "execution_time": 1.0, "output": "",
-            "tests": [{"name": "test_one", "score": 1, "max_score": 1, "status": "passed", "output": "",
-                       "visibility": "visible"},
-                      {"name": "test_two", "score": 0, "max_score": 2, "status": "failed",
-                       "output": "<script>alert(1)</script>", "visibility": visibility}]}
+    return Results("lab", 1, 3, [TestResult("test_one", 1, 1, "passed", "", "visible"),
+                                 TestResult("test_two", 0, 2, "failed", "<script>alert(1)</script>", visibility)],
+                   execution_time=1.0)
 
 
 def test_after_due_date_waits_for_the_due_date():
@@ -36,3 +35,13 @@ def test_after_published_waits_for_the_grades_to_be_published():
     published = render(_results("after_published"), "Lab", now=NOW, published=True)
     assert "test_two" not in graded and "when grades are published" in graded
     assert "test_two" in published
+
+
+def test_results_round_trip_through_results_json():
+    from coursekit.results import Results
+
+    results = _results("hidden")
+    results.key, results.extra, results.timings = "abc", {"student": "s", "note": ""}, {"total": 1.0}
+    data = results.to_json()
+    assert data["extra_data"]["key"] == "abc" and data["tests"][1]["visibility"] == "hidden"
+    assert Results.from_json(data) == results
