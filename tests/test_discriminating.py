@@ -40,6 +40,11 @@ ISSUE_MUTANTS = {
     "06_gpt_decoding": ["top_p_drops_crossing_token", "top_p_keeps_tail", "top_k_ties_by_index",
                         "temperature_after_filters", "beam_sums_raw_logits", "beam_no_length_normalisation",
                         "beam_counts_prompt_in_length", "beam_identical_beams", "greedy_ignores_eos"],
+    "07_gpt_from_scratch": ["cache_wrong_layout", "cache_chunk_unmasked", "is_causal_with_cache",
+                            "positions_restart_with_cache", "mask_diagonal_leaks", "exact_gelu",
+                            "tie_by_new_parameter", "converter_transposes_by_shape", "loss_shifted_twice",
+                            "weight_decay_on_everything", "cosine_missing_min_lr", "per_parameter_clipping",
+                            "argmax_instead_of_sampling", "sliding_cache_past_block_size", "cache_never_used"],
 }
 ALL_MUTANTS = os.environ.get("COURSE_ALL_MUTANTS") == "1"
 

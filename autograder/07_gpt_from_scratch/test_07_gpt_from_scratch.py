@@ -365,9 +365,12 @@ def test_loss_pre_shifted_targets(student, device):
         assert_close(result[1], expected, atol=F64_ATOL,
                      what="the loss for targets y = x shifted by one (the model must not shift again)")
         # the two conventions meet: loss(x, y) = GPT2LMHeadModel(s, labels=s).loss for s = cat(x, y[:, -1:])
+        # (transformers' loss is upcast to float32: its float64 value is the cross-entropy of its shifted logits)
         short = s[:, :P]
         with torch.no_grad():
-            expected = oracle(short, labels=short).loss
+            hf_logits = oracle(short).logits
+            expected = F.cross_entropy(hf_logits[:, :-1].reshape(-1, V), short[:, 1:].reshape(-1))
+            assert abs(float(expected) - float(oracle(short, labels=short).loss)) < 1e-5
         assert_close(model(short[:, :-1].to(device), short[:, 1:].to(device))[1], expected, atol=F64_ATOL,
                      what="the loss of (x, y) against transformers' GPT2LMHeadModel(s, labels=s).loss for "
                           "s = cat(x, y[:, -1:])")
