@@ -205,7 +205,7 @@ def test_tokenizer_errors(student):
 
 def test_get_batch(student, device):
     data = torch.arange(13, device=device)
-    gen = student.lib("torch.Generator").keep().manual_seed(0)
+    gen = student.lib("torch.Generator").keep(device).manual_seed(0)
     x, y = student.get_batch(data, 10, 600, gen)
     assert_shape(x, (600, 10), "x")
     assert_shape(y, (600, 10), "y")
@@ -221,8 +221,8 @@ def test_get_batch(student, device):
                                   "start 0 .. len(data) - block_size - 1 should be equally likely (is the last "
                                   "one missing? randint's upper bound is exclusive)")
     # the same generator seed gives the same batch
-    a = student.get_batch(torch.arange(100), 8, 5, student.lib("torch.Generator").keep().manual_seed(3))
-    b = student.get_batch(torch.arange(100), 8, 5, student.lib("torch.Generator").keep().manual_seed(3))
+    a = student.get_batch(torch.arange(100, device=device), 8, 5, student.lib("torch.Generator").keep(device).manual_seed(3))
+    b = student.get_batch(torch.arange(100, device=device), 8, 5, student.lib("torch.Generator").keep(device).manual_seed(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "the same generator seed should give the same batch"
     with pytest.raises(ValueError):
         student.get_batch(torch.arange(10), 10, 2)
@@ -687,7 +687,7 @@ def test_train_loop_mechanics(student, device):
     model = student_gpt(student, device, oracle, V, P, C, L, H)
     data = torch.full((40,), 3, dtype=torch.long)
     settings = dict(max_lr=1e-2, min_lr=1e-3, warmup_iters=2, weight_decay=0.1, betas=(0.9, 0.99), max_grad_norm=0.05)
-    gen = student.lib("torch.Generator").keep().manual_seed(0)
+    gen = student.lib("torch.Generator").keep(device).manual_seed(0)
     losses = student.train(model, data.to(device), 5, 4, generator=gen, **settings)
     expected = suite_training_loop(oracle, data, 5, 4, 1e-2, 1e-3, 2, 0.1, (0.9, 0.99), 0.05)
     assert isinstance(losses, list) and len(losses) == 5 and all(isinstance(v, float) for v in losses), (
@@ -715,7 +715,7 @@ def test_train_end_to_end(student, device):
     model = student.GPT.keep(student_config(student, V, P, C, L, H))
     load_filled(model, convert(init.state_dict()), "GPT")
     model.to(device)
-    gen = student.lib("torch.Generator").keep().manual_seed(0)
+    gen = student.lib("torch.Generator").keep(device).manual_seed(0)
     student.train(model, train_ids.to(device), 1000, 32, 1e-2, 1e-3, 50, weight_decay=0.1, max_grad_norm=1.0,
                   generator=gen)
     model.eval()
@@ -738,8 +738,9 @@ def hf_greedy(oracle, ids, max_new_tokens):
                                pad_token_id=0, max_new_tokens=max_new_tokens)
 
 
-def seeded(student, seed):
-    return student.lib("torch.Generator").keep().manual_seed(seed)
+def seeded(student, seed, device="cpu"):
+    """A seeded torch.Generator in the student's process, on the model's device."""
+    return student.lib("torch.Generator").keep(device).manual_seed(seed)
 
 
 def as_ids(result, B, length, what):
@@ -752,20 +753,20 @@ def test_generate_api(student, device):
     V, P, C, L, H = CONFIGS[1]
     model = student_gpt(student, device, gpt2_oracle(V, P, C, L, H, seed=100), V, P, C, L, H)
     prompt = ids_for(V, 2, 3, 1000)
-    out = as_ids(student.generate(model, prompt.to(device), 5, generator=seeded(student, 0)), 2, 8, "generate")
+    out = as_ids(student.generate(model, prompt.to(device), 5, generator=seeded(student, 0, device)), 2, 8, "generate")
     assert torch.equal(out[:, :3], prompt), "generate should return the prompt followed by the new tokens"
     assert ((out >= 0) & (out < V)).all(), "generated ids should lie in 0 .. vocab_size - 1"
-    again = student.generate(model, prompt.to(device), 5, generator=seeded(student, 0)).cpu()
+    again = student.generate(model, prompt.to(device), 5, generator=seeded(student, 0, device)).cpu()
     assert torch.equal(out, again), "the same generator seed should give the same tokens"
     long_prompt = ids_for(V, 1, P + 5, 1001)
-    out = as_ids(student.generate(model, long_prompt.to(device), 3, generator=seeded(student, 1)), 1, P + 8,
+    out = as_ids(student.generate(model, long_prompt.to(device), 3, generator=seeded(student, 1, device)), 1, P + 8,
                  "generate with a prompt longer than block_size")
     assert torch.equal(out[:, :P + 5], long_prompt), "a prompt longer than block_size is kept whole in the output"
     assert torch.equal(student.generate(model, prompt.to(device), 0).cpu(), prompt), (
         "max_new_tokens=0 should return the prompt")
     assert model.training is False, "generate should leave the model's mode alone (eval stays eval)"
     model.train()
-    student.generate(model, prompt.to(device), 2, generator=seeded(student, 2))
+    student.generate(model, prompt.to(device), 2, generator=seeded(student, 2, device))
     assert model.training is True, "generate should leave the model's mode alone (train stays train)"
     model.eval()
     for bad in (0, -1.0):
@@ -781,7 +782,7 @@ def test_generate_greedy_matches_gpt2(student, device):
         expected = hf_greedy(oracle, prompt, P - 3)
         for use_cache in (True, False):
             out = as_ids(student.generate(model, prompt.to(device), P - 3, top_k=1, use_cache=use_cache,
-                                          generator=seeded(student, 0)), 2, P, "generate")
+                                          generator=seeded(student, 0, device)), 2, P, "generate")
             assert_equal(out, expected, what=f"greedy generation (top_k=1, use_cache={use_cache}) against "
                                              "transformers' generate")
 
@@ -798,11 +799,11 @@ def test_generate_past_block_size(student, device):
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     for use_cache in (True, False):
         out = as_ids(student.generate(model, prompt.to(device), n_new, top_k=1, use_cache=use_cache,
-                                      generator=seeded(student, 0)), 1, 3 + n_new, "generate")
+                                      generator=seeded(student, 0, device)), 1, 3 + n_new, "generate")
         assert_equal(out, ids, what=f"greedy generation past block_size (use_cache={use_cache}; the model sees the "
                                     "last block_size tokens, and a full cache is recomputed from the cropped window)")
     sampled = [student.generate(model, prompt.to(device), n_new, temperature=1.5, use_cache=use_cache,
-                                generator=seeded(student, 5)).cpu() for use_cache in (True, False)]
+                                generator=seeded(student, 5, device)).cpu() for use_cache in (True, False)]
     assert torch.equal(sampled[0], sampled[1]), (
         "use_cache=True and use_cache=False should give the same sampled tokens for the same generator seed")
 
@@ -820,7 +821,7 @@ def test_generate_sampling_distribution(student, device):
     draws = 8000
     for case, (temperature, top_k) in enumerate(SAMPLING_CASES):
         out = as_ids(student.generate(model, prompt.expand(draws, 4).to(device), 1, temperature=temperature,
-                                      top_k=top_k, generator=seeded(student, 10 + case)), draws, 5, "generate")
+                                      top_k=top_k, generator=seeded(student, 10 + case, device)), draws, 5, "generate")
         scaled = logits / temperature
         if top_k:
             scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[-1], float("-inf"))
@@ -833,12 +834,12 @@ def test_generate_sampling_distribution(student, device):
                                 f"{worst:.3f} away from softmax(logits / temperature) restricted to the top k")
 
 
-def count_flops(student, model, prompt, n_new, use_cache, seed):
+def count_flops(student, device, model, prompt, n_new, use_cache, seed):
     mode = student.lib("torch.utils.flop_counter.FlopCounterMode").keep(display=False)
     stack = student.lib("contextlib.ExitStack").keep()
     stack.enter_context(mode)
     try:
-        out = student.generate(model, prompt, n_new, use_cache=use_cache, generator=seeded(student, seed))
+        out = student.generate(model, prompt, n_new, use_cache=use_cache, generator=seeded(student, seed, device))
     finally:
         stack.close()
     return mode.get_total_flops(), out
@@ -848,8 +849,8 @@ def test_generate_uses_cache(student, device):
     V, P, C, L, H = 65, 128, 32, 2, 4
     model = student_gpt(student, device, None, V, P, C, L, H, torch.float32)
     prompt = torch.tensor([[5]], device=device)
-    cached, a = count_flops(student, model, prompt, 100, True, 3)
-    uncached, b = count_flops(student, model, prompt, 100, False, 3)
+    cached, a = count_flops(student, device, model, prompt, 100, True, 3)
+    uncached, b = count_flops(student, device, model, prompt, 100, False, 3)
     assert torch.equal(a.cpu(), b.cpu()), "use_cache=True and False should give the same tokens"
     assert uncached > 0, "generate without the cache should run the model"
     ratio = cached / uncached
