@@ -1,10 +1,12 @@
-"""A small character-level GPT on Tiny Shakespeare, for lab 06 (decoding strategies).
+"""A small character-level GPT on Tiny Shakespeare, for labs 06 (decoding strategies) and 09.
+
+Lab 07 builds the same architecture from scratch under GPT-2's parameter names; this
+script keeps its own names and checkpoint format, which labs 06 and 09 load.
 
 This file is the one definition of the model: the training below imports nothing
 else from the course, and the lab notebook loads this file with importlib to
-rebuild the model from the shipped checkpoint. Retrain with the defaults (5 to 15
-minutes on one CPU core, no GPU needed; with torch 2.13 on CPU a rerun reproduced the
-shipped weights bit for bit) and the result lands in data/char_gpt/:
+rebuild the model from the shipped checkpoint. Retrain with the defaults (3 to 15
+minutes on one CPU core, no GPU needed) and the result lands in data/char_gpt/:
 
     python scripts/train_char_gpt.py
 
@@ -189,17 +191,22 @@ def main(argv=None):
         lr=args.lr, betas=(0.9, 0.99),
     )
 
-    def lr_at(it):  # linear warm-up, then cosine decay to min_lr
+    def lr_at(it):  # linear warm-up, then cosine decay that reaches min_lr at the last step
         if it < args.warmup_iters:
             return args.lr * (it + 1) / args.warmup_iters
-        t = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+        if it >= args.max_iters - 1:
+            return args.min_lr
+        # + 1: the last step the loop takes (max_iters - 1) lands exactly on min_lr
+        t = (it - args.warmup_iters + 1) / (args.max_iters - args.warmup_iters)
         return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
 
     gen = torch.Generator().manual_seed(args.seed)
 
     def batch(split):
         d = train_data if split == "train" else val_data
-        ix = torch.randint(len(d) - args.block_size - 1, (args.batch_size,), generator=gen)
+        # starts 0 .. len(d) - block_size - 1: randint's bound is exclusive, so the last
+        # window (whose target ends on the last character) can come up too
+        ix = torch.randint(len(d) - args.block_size, (args.batch_size,), generator=gen)
         x = torch.stack([d[i : i + args.block_size] for i in ix])
         y = torch.stack([d[i + 1 : i + 1 + args.block_size] for i in ix])
         return x, y
