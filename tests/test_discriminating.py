@@ -40,6 +40,12 @@ ISSUE_MUTANTS = {
     "06_gpt_decoding": ["top_p_drops_crossing_token", "top_p_keeps_tail", "top_k_ties_by_index",
                         "temperature_after_filters", "beam_sums_raw_logits", "beam_no_length_normalisation",
                         "beam_counts_prompt_in_length", "beam_identical_beams", "greedy_ignores_eos"],
+    "10_seq2seq_transformer": ["tgt_mask_no_look_ahead", "tgt_mask_no_padding", "tgt_mask_masks_query_rows",
+                               "src_mask_on_decoder_self_attention", "cross_attention_on_own_input",
+                               "train_no_shift", "train_shift_reversed", "loss_counts_padding",
+                               "embedding_not_scaled", "embedding_scaled_twice", "decoder_without_positions",
+                               "post_ln_final_norms", "greedy_reencodes_every_step", "greedy_stops_at_first_eos",
+                               "greedy_finished_rows_keep_emitting", "label_smoothing_target_only"],
 }
 ALL_MUTANTS = os.environ.get("COURSE_ALL_MUTANTS") == "1"
 
