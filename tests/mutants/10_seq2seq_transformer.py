@@ -49,14 +49,14 @@ MUTANTS = [
     Mutant(
         name="train_no_shift",
         why="train_step feeds the whole target and scores it against itself: model(src, tgt) on tgt.",
-        patches=[("tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]", "tgt_in, tgt_out = tgt, tgt")],
+        patches=[("tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]   # read", "tgt_in, tgt_out = tgt, tgt   # read")],
         loses=["test_train_step_matches_reference_loop"],
     ),
     Mutant(
         name="train_shift_reversed",
         why="The shift goes the wrong way: the decoder reads tgt[:, 1:] and is scored on tgt[:, :-1], i.e. "
             "it must predict the previous token.",
-        patches=[("tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]", "tgt_in, tgt_out = tgt[:, 1:], tgt[:, :-1]")],
+        patches=[("tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]   # read", "tgt_in, tgt_out = tgt[:, 1:], tgt[:, :-1]   # read")],
         loses=["test_train_step_matches_reference_loop"],
     ),
     Mutant(
@@ -102,9 +102,9 @@ MUTANTS = [
         name="greedy_reencodes_every_step",
         why="greedy_decode runs the encoder again at every step (as model(src, ys) would): the same tokens, "
             "T times the encoder's cost.",
-        patches=[("hidden = model.decode(ys, memory, src_mask, make_tgt_mask(ys, pad_id))",
-                  "memory = model.encode(src, src_mask)\n"
-                  "            hidden = model.decode(ys, memory, src_mask, make_tgt_mask(ys, pad_id))")],
+        patches=[("while ys.size(1) < max_len and not bool(done.all()):\n",
+                  "while ys.size(1) < max_len and not bool(done.all()):\n"
+                  "            memory = model.encode(src, src_mask)\n")],
         loses=["test_greedy_encodes_once"],
     ),
     Mutant(
@@ -139,8 +139,8 @@ MUTANTS = [
         name="greedy_without_target_mask",
         why="greedy_decode passes no target mask, reasoning that the prefix has no future: deeper decoder layers "
             "then see later positions' states when computing earlier ones.",
-        patches=[("hidden = model.decode(ys, memory, src_mask, make_tgt_mask(ys, pad_id))",
-                  "hidden = model.decode(ys, memory, src_mask, torch.ones_like(make_tgt_mask(ys, pad_id)))")],
+        patches=[("hidden = model.decode(ys, memory, src_mask, make_tgt_mask(ys, pad_id))\n            next_id",
+                  "hidden = model.decode(ys, memory, src_mask, None)\n            next_id")],
         loses=["test_greedy_torch_stand_in"],
     ),
 ]
