@@ -3,6 +3,8 @@
 - course.yaml gives points to exactly the suite's test functions;
 - release/ and solutions/ are what `course release` makes of source/ today;
 - release/ holds no solution code and no hidden-test text;
+- code a notebook provides from earlier labs (its metadata `course.provided`:
+  {lab id: [grade ids]}) is those labs' solution code, unchanged;
 - the source notebook, graded like any submission, scores full marks; the
   release stub scores 0 and grades without the grader failing;
 - what the source notebook needed (its slowest cell, each test) is recorded beside
@@ -125,6 +127,31 @@ def check_leaks(course: Course, lab: Lab) -> list[str]:
     return problems
 
 
+def check_provided(course: Course, lab: Lab) -> list[str]:
+    """Each earlier lab's solution cell named in `course.provided`, without its solution markers, must
+    appear verbatim in one of this notebook's locked code cells."""
+    nb = nbformat.read(lab.notebook_in("source"), as_version=4)
+    provided = nb.metadata.get("course", {}).get("provided", {})
+    locked = [c.source for c in nb.cells if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("locked")]
+    problems = []
+    for other_id, grade_ids in provided.items():
+        if other_id not in course.labs:
+            problems.append(f"{lab.id}: provides code from {other_id}, which course.yaml does not list")
+            continue
+        other = nbformat.read(course.labs[other_id].notebook_in("source"), as_version=4)
+        cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source for c in other.cells}
+        for grade_id in grade_ids:
+            if grade_id not in cells:
+                problems.append(f"{lab.id}: {other_id} has no cell {grade_id!r} to provide")
+                continue
+            code = "\n".join(line for line in cells[grade_id].splitlines()
+                             if not line.strip().startswith((BEGIN, END)))
+            if not any(code in source for source in locked):
+                problems.append(f"{lab.id}: its provided copy of {other_id}'s {grade_id!r} differs from that "
+                                "lab's solution")
+    return problems
+
+
 def check_grades(course: Course, labs: list[Lab], workers: int, report=print) -> list[str]:
     subs = []
     for lab in labs:
@@ -179,7 +206,8 @@ def record_timings(lab: Lab, results: Results | None) -> str:
 def run_checks(course: Course, labs: list[Lab], workers: int = 1, report=print) -> list[str]:
     problems: list[str] = []
     for lab in labs:
-        for step in (check_points, lambda lab: check_up_to_date(course, lab), lambda lab: check_leaks(course, lab)):
+        for step in (check_points, lambda lab: check_up_to_date(course, lab), lambda lab: check_leaks(course, lab),
+                     lambda lab: check_provided(course, lab)):
             problems += step(lab)
     report(f"static checks done ({len(problems)} problem(s)); grading source and release notebooks...")
     problems += check_grades(course, labs, workers, report)
