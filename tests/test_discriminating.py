@@ -40,6 +40,11 @@ ISSUE_MUTANTS = {
     "06_gpt_decoding": ["top_p_drops_crossing_token", "top_p_keeps_tail", "top_k_ties_by_index",
                         "temperature_after_filters", "beam_sums_raw_logits", "beam_no_length_normalisation",
                         "beam_counts_prompt_in_length", "beam_identical_beams", "greedy_ignores_eos"],
+    "08_llama_lora": ["layernorm_instead_of_rmsnorm", "eps_outside_sqrt", "rmsnorm_no_upcast",
+                      "silu_on_up_projection", "silu_on_product", "gate_up_swapped", "repeat_kv_tiled",
+                      "rope_interleaved", "scaling_by_head_dim", "untied_embeddings", "lora_b_random",
+                      "scaling_alpha_not_alpha_over_r", "merge_without_scaling", "unmerge_does_not_restore",
+                      "base_left_trainable", "lora_on_every_linear", "eos_masked_as_padding"],
 }
 ALL_MUTANTS = os.environ.get("COURSE_ALL_MUTANTS") == "1"
 
