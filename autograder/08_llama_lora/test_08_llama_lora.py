@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -710,11 +709,6 @@ def test_lora_dropout_on_input(student, device):
 def peft_model_for(oracle: LlamaForCausalLM, targets, r, alpha):
     return peft.get_peft_model(copy.deepcopy(oracle), peft.LoraConfig(
         r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False))
-
-
-def lora_modules_of(handle) -> list[str]:
-    return sorted(name for name, module in handle.named_modules()
-                  if module is not None and getattr(module, "type_name", "").endswith("LoRALinear"))
 
 
 ADD_LORA_CASES = [  # (targets, r, alpha)
