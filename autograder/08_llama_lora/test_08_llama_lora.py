@@ -32,6 +32,7 @@ submodules in the student's modules.
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import math
 from pathlib import Path
@@ -502,11 +503,17 @@ def smol_folder() -> Path:
 
 @pytest.fixture(scope="module")
 def smol_oracle(smol_folder, device):
+    """transformers' logits on the prompt and its greedy generation; the model is released before
+    the student's copy is built, so that the two never sit in memory together."""
     model = LlamaForCausalLM.from_pretrained(smol_folder).eval().to(device)
     ids = torch.tensor([FRANCE_IDS], device=device)
     with torch.no_grad():
         logits = model(ids).logits.cpu()
-    return model, logits
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                   do_sample=False, eos_token_id=2, pad_token_id=2).cpu()
+    del model
+    gc.collect()
+    return logits, generated
 
 
 @pytest.fixture(scope="module")
@@ -525,18 +532,14 @@ def smol_student(student, smol_folder, device):
 
 
 def test_smollm2_logits(student, device, smol_oracle, smol_student):
-    _, expected = smol_oracle
+    expected, _ = smol_oracle
     logits = smol_student(torch.tensor([FRANCE_IDS], device=device))
     assert_close(logits, expected, atol=1e-4 + 2e-5 * float(expected.abs().max()), rtol=0,
                  what="LlamaLM logits with SmolLM2-135M-Instruct's weights")
 
 
 def test_smollm2_greedy(student, device, smol_oracle, smol_student):
-    oracle, _ = smol_oracle
-    ids = torch.tensor([FRANCE_IDS], device=device)
-    with torch.no_grad():
-        expected = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                   do_sample=False, eos_token_id=2, pad_token_id=2).cpu()
+    _, expected = smol_oracle
     argmax = student.lib("torch.argmax")
     tokens = list(FRANCE_IDS)
     for _ in range(12):
