@@ -40,6 +40,12 @@ ISSUE_MUTANTS = {
     "06_gpt_decoding": ["top_p_drops_crossing_token", "top_p_keeps_tail", "top_k_ties_by_index",
                         "temperature_after_filters", "beam_sums_raw_logits", "beam_no_length_normalisation",
                         "beam_counts_prompt_in_length", "beam_identical_beams", "greedy_ignores_eos"],
+    "09_alignment": ["no_shift", "mask_sliced_like_logits", "mean_instead_of_sum", "log_softmax_dim_1",
+                     "masks_from_pad_id", "reference_terms_swapped", "reference_omitted", "beta_outside_sigmoid",
+                     "log_of_sigmoid", "rewards_not_detached", "label_smoothing_sign", "reference_train_mode",
+                     "reference_with_gradients", "sum_over_pairs", "kl_div_probabilities", "kl_direction_swapped",
+                     "kl_reduction_mean", "kl_batchmean_per_sequence", "missing_t_squared", "teacher_not_tempered",
+                     "teacher_not_frozen", "teacher_train_mode"],
 }
 ALL_MUTANTS = os.environ.get("COURSE_ALL_MUTANTS") == "1"
 
