@@ -135,9 +135,11 @@ MUTANTS = [
     ),
     Mutant(
         name="kl_reduction_mean",
-        why='reduction="mean" divides by rows times classes, not by the rows.',
+        why='reduction="mean" divides by rows times classes, not by the rows. (Written as the sum over '
+            'rows x classes, what "mean" computes: torch warns on reduction="mean" and a warning in the '
+            'notebook currently costs the whole submission in this engine.)',
         patches=[('soft = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")',
-                  'soft = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="mean")')],
+                  'soft = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum") / log_p_student.numel()')],
         loses=["test_distillation_loss_matches_torch"],
     ),
     Mutant(
