@@ -1,7 +1,7 @@
 """Plausible wrong implementations of lab 09 (DPO and knowledge distillation).
 
-One per mistake the lab's issue names (the contract's "tricky points"); each loses points on the
-tests it names.
+One per mistake the lab's contract lists among its tricky points; each loses points on the tests it
+names.
 """
 from tests.mutation import Mutant
 
@@ -135,9 +135,8 @@ MUTANTS = [
     ),
     Mutant(
         name="kl_reduction_mean",
-        why='reduction="mean" divides by rows times classes, not by the rows. (Written as the sum over '
-            'rows x classes, what "mean" computes: torch warns on reduction="mean" and a warning in the '
-            'notebook currently costs the whole submission in this engine.)',
+        why='reduction="mean" divides by rows times classes, not by the rows. (Written as the sum divided by '
+            'rows x classes, which is what reduction="mean" computes, without its deprecation warning.)',
         patches=[('soft = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")',
                   'soft = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum") / log_p_student.numel()')],
         loses=["test_distillation_loss_matches_torch"],
