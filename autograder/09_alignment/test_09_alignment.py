@@ -12,8 +12,8 @@ Oracles, test by test:
   (`loss_type="sigmoid"`; `"aot"` at batch size 1 for label smoothing, i.e. cDPO): losses, rewards and
   the gradients of the loss, frozen; the float64 formula with `F.logsigmoid` for large margins.
 - dpo_step: the contract's step, written here independently (trl's formulas, mean over pairs, SGD),
-  on the same tiny GPT-2s; at design time one step of trl 1.16.0's `DPOTrainer` (SGD, constant LR,
-  max_grad_norm=0) matched it to 2.4e-7.
+  on the same tiny GPT-2s (one step of trl 1.16.0's `DPOTrainer` with SGD, a constant LR and
+  max_grad_norm=0 was measured to match it to 2.4e-7 when the lab was designed; not re-frozen here).
 - distillation_loss: `F.kl_div(F.log_softmax(s / T), F.log_softmax(t / T), log_target=True,
   reduction="batchmean") * T**2` on the kept rows flattened to 2-D plus `F.cross_entropy(...,
   ignore_index=...)`, in float64; `T**2 *` trl 1.16.0's `GKDTrainer.generalized_jsd_loss(s, t,
