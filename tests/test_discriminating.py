@@ -33,7 +33,7 @@ ISSUE_MUTANTS = {
     "04_bpe_tokenizer": ["ties_first_occurrence", "ties_smallest_pair", "overlapping_pairs_counted_once",
                          "overlapping_merge", "merges_cross_pretokens", "special_tokens_trained_on",
                          "encode_by_frequency", "decode_token_by_token", "regex_without_contractions",
-                         "recount_every_merge"],
+                         "recount_every_merge", "special_token_uses_byte_id"],
     "05_bert_finetuning": ["mean_pool_over_padding", "cls_wrong_index", "train_forgets_model_train",
                            "evaluate_forgets_model_eval", "no_zero_grad", "scheduler_per_epoch",
                            "f1_of_negative_class", "confusion_matrix_transposed"],
