@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_course_file_loads_and_lists_every_lab():
     course = load_course(ROOT / "course.yaml")
     assert list(course.labs) == ["01_attention", "02_transformer_block", "03_positional_encoding",
-                                 "04_bpe_tokenizer", "05_bert_finetuning", "06_gpt_decoding"]
+                                 "04_bpe_tokenizer", "05_bert_finetuning", "06_gpt_decoding",
+                                 "07_gpt_from_scratch", "08_llama_lora", "09_alignment", "10_seq2seq_transformer"]
     assert course.device in ("cpu", "cuda", "auto")
     for lab in course.labs.values():
         assert lab.limits.test_seconds > 0 and lab.max_score > 0, lab.id
