@@ -540,6 +540,7 @@ def test_dropout_train_eval(student, device):
     assert not torch.allclose(a, b, atol=1e-3), "in train mode two calls should draw different dropout masks"
     attn = student.CausalSelfAttention.keep(student_config(student, V, P, C, L, H, dropout=0.5))
     attn.to(torch.float64)
+    attn.to(device)
     attn.train()
     x = torch.randn(2, P, C, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(device)
     y1, y2 = attn(x)[0].cpu(), attn(x)[0].cpu()
