@@ -131,6 +131,7 @@ def hostile_batch(tmp_path_factory):
     if why:
         pytest.skip(f"this machine does not let the grader build the sandbox: {why}")
     course = load_course(TOY / "course.yaml")
+    groups_before = control_groups()
     folder = tmp_path_factory.mktemp("hostile")
     out, submissions = folder / "out", folder / "submissions"
     submissions.mkdir()
@@ -144,7 +145,7 @@ def hostile_batch(tmp_path_factory):
     nbformat.write(toy_notebook(HONEST, lab="hostile"), submissions / "bystander.ipynb")
     rows = grade_batch(course, discover(course, [submissions / "hostile.ipynb", submissions / "bystander.ipynb"],
                                         None), out, workers=2, progress=False)
-    return {"rows": {r["student"]: r for r in rows}, "out": out, "listener": listener,
+    return {"rows": {r["student"]: r for r in rows}, "out": out, "listener": listener, "groups_before": groups_before,
             "victim_before": victim_before,
             "hostile": json.loads((out / "hostile" / RESULTS_FILE).read_text())}
 
@@ -173,15 +174,21 @@ def test_no_connection_left_the_sandbox(hostile_batch):
     assert hostile_batch["listener"].connections == 0
 
 
-def test_nothing_it_started_outlives_it(hostile_batch):
-    assert marked_processes() == []
-    # A group is left behind when the launcher that made it (coursekit-<pid>) is gone: the
-    # groups of kernels other gradings on this machine are running are not.
+def control_groups() -> set[Path]:
+    groups = set()
     for hierarchy in ("", "pids/", "memory/"):
         base = Path("/sys/fs/cgroup") / hierarchy
-        groups = list(base.glob("coursekit-*")) if base.is_dir() else []
-        leftovers = [g for g in groups if not Path(f"/proc/{g.name.rsplit('-', 1)[1]}").exists()]
-        assert leftovers == [], leftovers
+        groups |= set(base.glob("coursekit-*")) if base.is_dir() else set()
+    return groups
+
+
+def test_nothing_it_started_outlives_it(hostile_batch):
+    assert marked_processes() == []
+    # The batch's own groups, not those of gradings before it: a group is left behind when the
+    # launcher that made it (coursekit-<pid>) is gone.
+    made = control_groups() - hostile_batch["groups_before"]
+    leftovers = [g for g in made if not Path(f"/proc/{g.name.rsplit('-', 1)[1]}").exists()]
+    assert leftovers == [], leftovers
 
 
 def test_the_loop_at_import_and_the_output_are_cut_short(hostile_batch):

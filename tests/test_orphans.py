@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TOY, toy_notebook
-from tests.test_hostile import sandbox_contains
+from tests.test_hostile import control_groups, sandbox_contains
 
 MARKER = f"coursekit-orphan-{uuid.uuid4().hex[:8]}"
 CELLS = [
@@ -39,14 +39,6 @@ def processes(text: str) -> set[int]:
 def parent(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-
-
-def control_groups() -> set[Path]:
-    groups = set()
-    for hierarchy in ("", "pids/", "memory/"):
-        base = Path("/sys/fs/cgroup") / hierarchy
-        groups |= set(base.glob("coursekit-*")) if base.is_dir() else set()
-    return groups
 
 
 def wait_for(condition, seconds: float) -> bool:

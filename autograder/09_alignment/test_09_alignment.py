@@ -39,7 +39,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coursekit.testing import assert_close, assert_equal
+from coursekit.testing import assert_close, assert_equal, gen
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -66,10 +66,6 @@ def one_thread(student):
         student.lib("torch.set_num_threads")(1)
     except Exception:  # noqa: BLE001 - a broken kernel fails the test itself, with its own message
         pass
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def logits_labels_mask(seed, shape, vocab, dtype, p_mask=0.6):

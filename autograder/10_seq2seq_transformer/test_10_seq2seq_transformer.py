@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import operator
 import random
 import re
 
@@ -40,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from coursekit.testing import assert_close, assert_equal, assert_shape
+from coursekit.testing import assert_close, assert_equal, assert_shape, gen
 
 transformers = pytest.importorskip("transformers")
 from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
@@ -53,10 +52,6 @@ TOL64 = dict(atol=1e-7, rtol=1e-6)    # float64 model (the provided table is flo
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def randomize_(module: nn.Module, g: torch.Generator) -> nn.Module:
