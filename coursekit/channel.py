@@ -70,10 +70,12 @@ class GraderChannel:
     def send(self, request_id: int, payload: bytes, deadline: float) -> None:
         data = memoryview(HEADER.pack(len(payload), request_id) + payload)
         while data:
-            self._wait(deadline, write=True)
+            if time.monotonic() >= deadline:
+                raise ChannelTimeout()
             try:
                 sent = self.sock.send(data[:_CHUNK])
-            except BlockingIOError:
+            except BlockingIOError:  # the kernel is not reading: wait for room, under the deadline
+                self._wait(deadline, write=True)
                 continue
             except OSError as exc:
                 raise ChannelClosed(f"the connection to the notebook's process broke: {exc}") from None
@@ -95,10 +97,12 @@ class GraderChannel:
 
     def _take(self, size: int, deadline: float) -> bytes:
         while len(self._buffer) < size:
-            self._wait(deadline)
+            if time.monotonic() >= deadline:  # a kernel trickling bytes runs out of time too
+                raise ChannelTimeout()
             try:
                 chunk = self.sock.recv(max(size - len(self._buffer), _CHUNK))
-            except BlockingIOError:
+            except BlockingIOError:  # nothing yet: wait for it, under the deadline
+                self._wait(deadline)
                 continue
             except OSError as exc:
                 raise ChannelClosed(f"the connection to the notebook's process broke: {exc}") from None

@@ -112,7 +112,13 @@ class StudentKernel:
                 pass
 
     def is_alive(self) -> bool:
-        return self.km is not None and self.km.is_alive()
+        """Asked before every request: the launcher's process, polled directly, answers in
+        microseconds where jupyter_client's is_alive (an event-loop round trip) takes longer
+        than the request itself. The launcher lives exactly as long as the kernel."""
+        if self.km is None:
+            return False
+        process = getattr(getattr(self.km, "provisioner", None), "process", None)
+        return process.poll() is None if process is not None else self.km.is_alive()
 
     # -- execution ------------------------------------------------------------------
 
