@@ -27,7 +27,7 @@ from coursekit.notebook import SubmissionError, graded_cells, read_notebook, sui
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
-from coursekit.isolation import protect, sandbox_plan, student_isolation
+from coursekit.isolation import Isolation, protect, sandbox_plan, student_isolation
 from coursekit.kernel import StudentKernel
 from coursekit.session import GradingSession, make_workdir, start_kernel, student_environment
 
@@ -41,7 +41,7 @@ class StudentProcess:
     private: tuple[Path, ...]     # what the plan covers besides the hidden suites
     workdir: Path
     plan: dict
-    isolation: object
+    isolation: Isolation
     device: str
     kernel: StudentKernel | None = None
 
