@@ -196,7 +196,8 @@ def _record_in_nbgrader(course: Course, submissions: list[Submission], graded: d
 
 
 def _job(course: Course, sub: Submission, key: str, out: Path, threads: int, private: tuple[Path, ...]) -> Job:
-    extra = {"key": key, "student": sub.student, "notebook": str(sub.notebook), "note": sub.note}
+    # Absolute, so that later commands (course similarity) find it from any folder.
+    extra = {"key": key, "student": sub.student, "notebook": str(sub.notebook.resolve()), "note": sub.note}
     return Job(course, sub.lab, sub.notebook, out / sub.name, extra, threads, sub.only, private)
 
 
