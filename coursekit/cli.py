@@ -10,6 +10,7 @@ from pathlib import Path
 from coursekit.config import DEVICE_POLICIES, ConfigError, load_course
 from coursekit.export import ExportError
 from coursekit.release import ReleaseError
+from coursekit.similarity import DEFAULT_THRESHOLD, SimilarityError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--roster", type=Path, help="canvas: the class roster (Canvas's gradebook export)")
     export.add_argument("--to", type=Path, help="the file to write (default: OUT/canvas.csv or OUT/tests.csv)")
 
+    similarity = commands.add_parser("similarity", help="pairs of one lab's graded notebooks that share too much code")
+    similarity.add_argument("out", type=Path, help="the --out folder of `course grade`")
+    similarity.add_argument("--lab", required=True, help="the lab whose submissions are compared")
+    similarity.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                            help="flag a pair when this fraction of either one's own code is in the other's "
+                                 "(default: %(default)s)")
+
     gradescope = commands.add_parser("gradescope", help="build a Gradescope autograder zip for one lab")
     gradescope.add_argument("lab")
     gradescope.add_argument("--out", type=Path, help="zip path (default: gradescope-<lab>.zip)")
@@ -62,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         course = load_course(args.course)
         commands = {"grade": _grade, "release": _release, "check": _check, "gradescope": _gradescope,
-                    "export": _export}
+                    "export": _export, "similarity": _similarity}
         return commands[args.command](course, args)
     # ConnectionError: a Ray cluster that cannot be reached.
-    except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError, ExportError) as exc:
+    except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError, ExportError, SimilarityError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
 
@@ -141,6 +149,18 @@ def _export(course, args) -> int:
     for warning in warnings:
         print(f"course: warning: {warning}", file=sys.stderr)
     print(f"{target}: {len({g.student for g in graded})} student(s), {len(graded)} graded submission(s)")
+    return 0
+
+
+def _similarity(course, args) -> int:
+    from coursekit.results import write_atomic
+    from coursekit.similarity import compare_lab
+    from coursekit.similarity_report import page, summary
+
+    comparison = compare_lab(course.lab(args.lab), args.out, args.threshold)
+    target = args.out / f"similarity-{comparison.lab.id}.html"
+    write_atomic(target, page(comparison))
+    print(summary(comparison, target))
     return 0
 
 
