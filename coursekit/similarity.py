@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # A pair is flagged when this fraction of either student's own code is found in the other's.
 # On lab 01 two honest full-marks answers share 20-26% (the short idioms every answer
-# writes); a copy renamed, reformatted and with its cells reordered, 100%.
+# writes); a copy renamed, reformatted and with its cells reordered, 100% (README).
 DEFAULT_THRESHOLD = 0.5
 # copydetect's defaults: a match counts from 25 characters of normalised code (about a line),
 # and every k-gram is a fingerprint (a winnowing window of 1), so no match is left to chance.
