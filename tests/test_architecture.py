@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "coursekit"
 BATCH_SIDE = ["cli", "batch", "runners", "archive", "gradebook", "gradescope", "results", "check", "release", "export",
-              "feedback", "keys", "config"]
+              "feedback", "keys", "config", "late", "regrade", "tables"]
 
 
 def imports_of(path: Path) -> set[str]:
