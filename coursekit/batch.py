@@ -183,7 +183,7 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     out.mkdir(parents=True, exist_ok=True)
     stamp = stamp or now_stamp()
     rows: dict[str, dict] = {}
-    graded: dict[str, Results] = {}   # read or written once per submission, kept for the gradebook
+    graded: dict[str, Results] = {}   # read or written once per submission, kept for the gradebook and regrades
     todo: list[Planned] = []
     replaced: dict[str, tuple[Planned, Path | None]] = {}   # results a regrade replaces, and where they are kept
     for plan in plan_batch(submissions, out, force):
@@ -194,6 +194,7 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
                 if plan.previous and plan.previous.key:   # a grade about to become a zero
                     replaced[sub.name] = plan, keep_previous(out / sub.name, stamp)
                 save_submission(out / sub.name, sub.lab, results)
+                graded[sub.name] = results
             rows[sub.name] = _row(sub, results, sub.problem)
         elif plan.reasons == [UNCHANGED]:
             graded[sub.name] = _reassess_lateness(out / sub.name, sub, plan.previous)
@@ -223,10 +224,8 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
         bar.close()
         runner.close()
     for name, (plan, kept) in replaced.items():
-        after = graded.get(name) or read_results(out / name / RESULTS_FILE)
-        if after is not None:
-            rows[name]["regrade"] = ScoreChange(plan.sub.student, plan.sub.lab.id, tuple(plan.reasons),
-                                                plan.previous, after, kept)
+        rows[name]["regrade"] = ScoreChange(plan.sub.student, plan.sub.lab.id, tuple(plan.reasons), plan.previous,
+                                            graded[name], kept)
     ordered = [rows[s.name] for s in submissions]
     write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
     if gradebook:

@@ -45,13 +45,16 @@ def graded_once(tmp_path_factory):
     root = tmp_path_factory.mktemp("regrade")
     shutil.copytree(TOY, root / "course")
     nbformat.write(toy_notebook(TOY_CELLS[:3]), root / "alice.ipynb")
-    lab = load_course(root / "course" / "course.yaml").lab("toy")
-    parts = key_parts(lab, root / "alice.ipynb", ("test_double",))
-    outcomes = [CaseOutcome("test_double", f"n{n}", True, "", 0.1) for n in (1, 3, 5)]
-    results = build_results(lab, outcomes, None, 1.0, {"key": key_of(parts), "key_parts": parts, "student": "alice",
-                                                        "only_tests": ["test_double"]})
-    save_submission(root / "out" / "alice", lab, results)
+    write_graded(load_course(root / "course" / "course.yaml").lab("toy"), root / "alice.ipynb", root / "out" / "alice")
     return root
+
+
+def write_graded(lab, notebook, folder):
+    """The results a grading of `notebook` --only test_double gives (test_double passes)."""
+    parts = key_parts(lab, notebook, ("test_double",))
+    outcomes = [CaseOutcome("test_double", f"n{n}", True, "", 0.1) for n in (1, 3, 5)]
+    save_submission(folder, lab, build_results(lab, outcomes, None, 1.0, {
+        "key": key_of(parts), "key_parts": parts, "student": "alice", "only_tests": ["test_double"]}))
 
 
 @pytest.fixture
@@ -142,3 +145,21 @@ def test_kept_results_are_never_overwritten(tmp_path):
     assert {p.name: p.read_text() for p in kept} == {f"20260101T120000Z-{RESULTS_FILE}": "1",
                                                      "20260101T120000Z-results-2.json": "2"}
     assert keep_previous(tmp_path / "nothing here", "20260101T120000Z") is None
+
+
+def test_a_grade_that_becomes_a_zero_is_kept_and_reported(tmp_path, toy_course, capsys, no_worker):
+    notebook = tmp_path / "submitted" / "alice" / "toy" / "toy.ipynb"
+    notebook.parent.mkdir(parents=True)
+    nbformat.write(toy_notebook(TOY_CELLS[:3]), notebook)
+    write_graded(toy_course.lab("toy"), notebook, tmp_path / "out" / "alice" / "toy")
+    previous = (tmp_path / "out" / "alice" / "toy" / RESULTS_FILE).read_bytes()
+    notebook.unlink()   # the folder is still there, without its notebook
+    assert main(["--course", str(toy_course.path), "grade", str(tmp_path / "submitted"), "--out",
+                 str(tmp_path / "out"), *ONLY]) == 0
+    [kept] = (tmp_path / "out" / "alice" / "toy" / HISTORY_DIR).iterdir()
+    assert kept.read_bytes() == previous
+    [report] = (tmp_path / "out").glob(f"{REPORT_PREFIX}*.csv")
+    with open(report, newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert row["reason"].startswith("cannot be graded, scores 0: no notebook was found")
+    assert (row["score_before"], row["score_after"], row["change"], row["tests"]) == ("3", "0", "-3", "test_double 3 -> 0")
