@@ -3,10 +3,13 @@ several at a time, skip what an earlier run already graded, and write the
 gradebook.
 
 A submission is keyed on its content, its lab and the lab's suite, so a rerun
-after an interruption regrades only what is missing or what changed.
+after an interruption regrades only what is missing or what changed; what a
+regrade replaces is kept (coursekit.regrade), and lateness (coursekit.late) is
+assessed again on every run, since extensions change without the work changing.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 import time
@@ -17,11 +20,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from coursekit.config import Course, Lab
-from coursekit.keys import submission_key
+from coursekit.keys import key_of, key_parts
+from coursekit.late import Lateness, assess, read_timestamp
 from coursekit.notebook import SubmissionError, notebook_lab, read_notebook
+from coursekit.regrade import UNCHANGED, ScoreChange, keep_previous, now_stamp, why_graded
 from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, Results, failed_results, read_results,
                                save_submission, write_gradebook)
 from coursekit.runners import Job, LocalRunner, Runner
+from coursekit.tables import text_table
 
 
 @dataclass
@@ -33,6 +39,7 @@ class Submission:
     in_nbgrader_tree: bool = False
     note: str = ""      # graded, but the student should know (zip entries that were refused)
     only: tuple[str, ...] = ()  # grade only these test functions (a check of one part of a suite)
+    submitted: dt.datetime | None = None   # when it was handed in (coursekit.late's timestamp files)
 
     @property
     def student(self) -> str:
@@ -76,7 +83,8 @@ def discover(course: Course, paths: list[Path], lab_id: str | None, unpack_dir: 
         problem = "" if lab else (f"cannot tell which lab {notebook.name} is for (no course metadata, no lab "
                                   "folder, and its name matches no lab's notebook); pass --lab")
         submissions.append(Submission(unique(name or tree_name), notebook, lab, problem,
-                                      in_nbgrader_tree=tree_lab is not None, note=note))
+                                      in_nbgrader_tree=tree_lab is not None, note=note,
+                                      submitted=read_timestamp(notebook, tree_lab is not None)))
     for student, lab_id_, problem in empty:
         lab = forced or course.labs.get(lab_id_)
         submissions.append(Submission(unique(student), None, lab, problem, in_nbgrader_tree=lab_id_ in course.labs))
@@ -140,30 +148,68 @@ def _lab_of(course: Course, notebook: Path, tree_lab: str | None, forced: Lab | 
     return lab, note
 
 
+@dataclass
+class Planned:
+    """A submission, and why a run grades it (or [UNCHANGED]: its results still hold)."""
+    sub: Submission
+    key: str
+    parts: dict
+    previous: Results | None
+    reasons: list[str]
+
+
+def plan_batch(submissions: list[Submission], out: Path, force: bool = False) -> list[Planned]:
+    """What a run over `out` would grade and why, reading only (`course grade --dry-run`)."""
+    plans = []
+    for sub in submissions:
+        folder = out / sub.name
+        previous = read_results(folder / RESULTS_FILE)
+        if sub.problem:
+            plans.append(Planned(sub, "", {}, previous, [f"cannot be graded, scores 0: {sub.problem}"]))
+            continue
+        parts = key_parts(sub.lab, sub.notebook, sub.only)
+        key = key_of(parts)
+        plans.append(Planned(sub, key, parts, previous, why_graded(folder, previous, key, parts, force)))
+    return plans
+
+
 def grade_batch(course: Course, submissions: list[Submission], out: Path, workers: int = 1,
                 force: bool = False, progress: bool = True, gradebook: bool = False,
-                runner: Runner | None = None) -> list[dict]:
+                runner: Runner | None = None, stamp: str | None = None) -> list[dict]:
+    """Grade what changed; one gradebook row per submission. A regraded submission's
+    row holds its ScoreChange under "regrade"; the results it replaces are kept as
+    history/<stamp>-results.json (`stamp`: this run's time by default)."""
     runner = runner or LocalRunner()
     out.mkdir(parents=True, exist_ok=True)
+    stamp = stamp or now_stamp()
     rows: dict[str, dict] = {}
-    graded: dict[str, Results] = {}   # read or written once per submission, kept for the gradebook
-    todo: list[tuple[Submission, str]] = []
-    for sub in submissions:
+    graded: dict[str, Results] = {}   # read or written once per submission, kept for the gradebook and regrades
+    todo: list[Planned] = []
+    replaced: dict[str, tuple[Planned, Path | None]] = {}   # results a regrade replaces, and where they are kept
+    for plan in plan_batch(submissions, out, force):
+        sub = plan.sub
         if sub.problem:
-            rows[sub.name] = _row(sub, _ungradable(sub, out), sub.problem)
-            continue
-        key = submission_key(sub.lab, sub.notebook, sub.only)
-        previous = read_results(out / sub.name / RESULTS_FILE)
-        if not force and previous and previous.key == key:
-            rows[sub.name], graded[sub.name] = _row(sub, previous), previous
+            results = _ungradable(sub)
+            if results is not None:
+                if plan.previous and plan.previous.key:   # a grade about to become a zero
+                    replaced[sub.name] = plan, keep_previous(out / sub.name, stamp)
+                save_submission(out / sub.name, sub.lab, results)
+                graded[sub.name] = results
+            rows[sub.name] = _row(sub, results, sub.problem)
+        elif plan.reasons == [UNCHANGED]:
+            graded[sub.name] = _reassess_lateness(out / sub.name, sub, plan.previous)
+            rows[sub.name] = _row(sub, graded[sub.name])
         else:
-            todo.append((sub, key))
+            kept = keep_previous(out / sub.name, stamp)
+            if plan.previous is not None:
+                replaced[sub.name] = plan, kept
+            todo.append(plan)
 
     bar = tqdm(total=len(todo), desc="grading", unit="nb", disable=not progress, file=sys.stderr)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     # What no student's code may see: every result, and every folder submissions came from.
-    private = (out.resolve(), *sorted({submissions_root(sub.notebook.resolve()) for sub, _ in todo}))
-    jobs = [(sub, _job(course, sub, key, out, threads, private)) for sub, key in todo]
+    private = (out.resolve(), *sorted({submissions_root(p.sub.notebook.resolve()) for p in todo}))
+    jobs = [(p.sub, _job(course, p, out, threads, private)) for p in todo]
     runner.expect([job for _, job in jobs])
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -177,11 +223,28 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     finally:
         bar.close()
         runner.close()
+    for name, (plan, kept) in replaced.items():
+        rows[name]["regrade"] = ScoreChange(plan.sub.student, plan.sub.lab.id, tuple(plan.reasons), plan.previous,
+                                            graded[name], kept)
     ordered = [rows[s.name] for s in submissions]
     write_gradebook(out / GRADEBOOK_FILE, _merge_gradebook(out, ordered))
     if gradebook:
         _record_in_nbgrader(course, [s for s in submissions if s.in_nbgrader_tree and s.lab and s.notebook], graded)
     return ordered
+
+
+def _reassess_lateness(folder: Path, sub: Submission, results: Results) -> Results:
+    """Unchanged work, but an extension, a late policy or a timestamp may have changed:
+    its results and feedback follow them without a regrade."""
+    late = _late_record(sub)
+    if results.extra.get("late") != late:
+        results.extra["late"] = late
+        save_submission(folder, sub.lab, results)
+    return results
+
+
+def _late_record(sub: Submission) -> dict:
+    return assess(sub.lab, sub.student, sub.submitted).to_json()
 
 
 def _record_in_nbgrader(course: Course, submissions: list[Submission], graded: dict[str, Results]) -> None:
@@ -195,9 +258,11 @@ def _record_in_nbgrader(course: Course, submissions: list[Submission], graded: d
                 record(course, sub.lab, book, sub.student, sub.notebook, graded[sub.name])
 
 
-def _job(course: Course, sub: Submission, key: str, out: Path, threads: int, private: tuple[Path, ...]) -> Job:
-    # Absolute, so that later commands (course similarity) find it from any folder.
-    extra = {"key": key, "student": sub.student, "notebook": str(sub.notebook.resolve()), "note": sub.note}
+def _job(course: Course, plan: Planned, out: Path, threads: int, private: tuple[Path, ...]) -> Job:
+    sub = plan.sub
+    # The notebook's path absolute, so that later commands (course similarity) find it from any folder.
+    extra = {"key": plan.key, "key_parts": plan.parts, "student": sub.student, "notebook": str(sub.notebook.resolve()),
+             "note": sub.note, "late": _late_record(sub)}
     return Job(course, sub.lab, sub.notebook, out / sub.name, extra, threads, sub.only, private)
 
 
@@ -227,21 +292,25 @@ def submissions_root(notebook: Path) -> Path:
     return next((p for p in notebook.parents if p.name == "submitted"), notebook.parent)
 
 
-def _ungradable(sub: Submission, out: Path) -> Results | None:
-    """A zero with the reason, in the student's feedback when the lab is known."""
+def _ungradable(sub: Submission) -> Results | None:
+    """A zero with the reason, for the student's feedback when the lab is known."""
     if sub.lab is None:
         return None
-    results = failed_results(sub.lab, sub.problem, 0.0, {"student": sub.student})
-    save_submission(out / sub.name, sub.lab, results)
-    return results
+    return failed_results(sub.lab, sub.problem, 0.0, {"student": sub.student})
 
 
 def _row(sub: Submission, results: Results | None, problem: str = "") -> dict:
+    """Its grades.csv row: the raw score, the late penalty on top, and what is left of it."""
     score = results.score if results else 0.0
     max_score = results.max_score if results else (sub.lab.max_score if sub.lab else 0.0)
     problem = problem or (results.problem if results else "")
-    return {"student": sub.student, "lab": sub.lab.id if sub.lab else "", "score": score, "max_score": max_score,
-            "percent": round(100 * score / max_score, 1) if max_score else 0.0, "problem": problem}
+    late = Lateness.from_json(results.extra.get("late") if results else None)
+    final = late.final(score)
+    return {"student": sub.student, "lab": sub.lab.id if sub.lab else "", "score": score,
+            "late_penalty": late.penalty(score), "final_score": final, "max_score": max_score,
+            "percent": round(100 * final / max_score, 1) if max_score else 0.0,
+            "submitted": late.submitted.isoformat() if late.submitted else "", "days_late": late.days_late,
+            "problem": problem}
 
 
 def _merge_gradebook(out: Path, rows: list[dict]) -> list[dict]:
@@ -261,9 +330,9 @@ def _merge_gradebook(out: Path, rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+    """Scores after any late penalty, which is named beside them."""
     header = ("student", "lab", "score", "percent", "problem")
-    body = [(r["student"], r["lab"], f"{float(r['score']):g} / {float(r['max_score']):g}",
+    body = [(r["student"], r["lab"], f"{float(r['final_score']):g} / {float(r['max_score']):g}"
+             + (f" (raw {float(r['score']):g}, late -{float(r['late_penalty']):g})" if float(r["late_penalty"]) else ""),
              f"{float(r['percent']):.1f}%", r["problem"][:60]) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
+    return text_table(header, body)

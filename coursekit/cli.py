@@ -9,6 +9,7 @@ from pathlib import Path
 
 from coursekit.config import DEVICE_POLICIES, ConfigError, load_course
 from coursekit.export import ExportError
+from coursekit.late import TimestampError
 from coursekit.release import ReleaseError
 from coursekit.similarity import DEFAULT_THRESHOLD, SimilarityError
 
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                        help="submissions graded at once (default: %(default)s)")
     grade.add_argument("--force", action="store_true", help="regrade submissions already graded unchanged")
+    grade.add_argument("--dry-run", action="store_true",
+                       help="say what would be graded and why (new, submission, suite, points or limits changed, "
+                            "unchanged), without grading")
     grade.add_argument("--gradebook", action="store_true",
                        help="also record the scores of an nbgrader submitted/ tree in nbgrader's gradebook.db")
     grade.add_argument("--backend", choices=("local", "docker", "ray"), default="local",
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                     "export": _export, "similarity": _similarity}
         return commands[args.command](course, args)
     # ConnectionError: a Ray cluster that cannot be reached.
-    except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError, ExportError, SimilarityError) as exc:
+    except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError, ExportError, SimilarityError,
+            TimestampError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
 
@@ -83,7 +88,8 @@ def _labs(course, ids):
 
 
 def _grade(course, args) -> int:
-    from coursekit.batch import discover, format_table, grade_batch
+    from coursekit.batch import discover, format_table, grade_batch, plan_batch
+    from coursekit.regrade import REPORT_PREFIX, format_changes, format_plan, now_stamp, unique_path, write_report
 
     if args.device:
         course = dataclasses.replace(course, device=args.device)
@@ -96,10 +102,20 @@ def _grade(course, args) -> int:
         if unknown:
             raise ConfigError(f"--only {unknown[0]}: no such test in the lab's suite (see course.yaml)")
         submissions = [dataclasses.replace(sub, only=tuple(args.only)) for sub in submissions]
+    if args.dry_run:
+        plans = plan_batch(submissions, args.out, args.force)
+        print(format_plan([(p.sub.student, p.sub.lab.id if p.sub.lab else "", p.reasons) for p in plans]))
+        return 0
+    stamp = now_stamp()   # names the regrade's report and the results it kept alike
     rows = grade_batch(course, submissions, args.out, workers=args.workers, force=args.force,
-                       gradebook=args.gradebook, runner=_runner(course, args))
+                       gradebook=args.gradebook, runner=_runner(course, args), stamp=stamp)
     print(format_table(rows))
     print(f"\nResults: {args.out}/<student>/results.json; gradebook: {args.out}/grades.csv")
+    changes = [row["regrade"] for row in rows if "regrade" in row]
+    if changes:
+        report = unique_path(args.out / f"{REPORT_PREFIX}{stamp}.csv")
+        write_report(report, changes)
+        print("\n" + format_changes(changes, report))
     return 0
 
 
@@ -143,7 +159,7 @@ def _export(course, args) -> int:
     if args.format == "canvas":
         text, warnings = canvas_csv(course, graded, read_roster(args.roster) if args.roster else None)
     else:
-        text, warnings = tests_csv(graded), []
+        text, warnings = tests_csv(course, graded), []
     target = args.to or args.out / ("canvas.csv" if args.format == "canvas" else "tests.csv")
     write_atomic(target, text)
     for warning in warnings:

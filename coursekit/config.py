@@ -45,6 +45,15 @@ class TestSpec:
 
 
 @dataclass(frozen=True)
+class LatePolicy:
+    """What late work costs: `percent_per_day` of the score per day past the due date (a
+    started day counts as a day), at most `max_percent`; past `cutoff`, all of it."""
+    percent_per_day: float = 0.0
+    max_percent: float = 100.0
+    cutoff: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
 class Lab:
     id: str
     title: str
@@ -54,6 +63,8 @@ class Lab:
     settings: dict[str, Any]
     root: Path
     due: dt.datetime | None = None
+    late: LatePolicy | None = None
+    extensions: dict[str, float] = field(default_factory=dict)   # student id: days added to due (and cutoff)
 
     @property
     def max_score(self) -> float:
@@ -160,7 +171,7 @@ class _Validator:
 
     def course(self, data: Any) -> Course:
         data = self.mapping(data, "(top level)")
-        self.unknown(data, "(top level)", ("course_id", "title", "image", "device", "defaults", "labs"))
+        self.unknown(data, "(top level)", ("course_id", "title", "image", "device", "defaults", "labs", "extensions"))
         image = self.mapping(data.get("image", {}), "image")
         defaults = self.mapping(data.get("defaults", {}), "defaults")
         self.unknown(defaults, "defaults", ("limits", "visibility"))
@@ -177,6 +188,7 @@ class _Validator:
             if lab.id in labs:
                 raise ConfigError(f"{self.path}: labs[{i}].id: {lab.id!r} is used twice")
             labs[lab.id] = lab
+        labs = self.extensions(data.get("extensions", {}), labs)
         return Course(
             course_id=self.text(data.get("course_id"), "course_id"),
             title=self.text(data.get("title"), "title"),
@@ -203,7 +215,7 @@ class _Validator:
 
     def lab(self, data: Any, key: str, limits: Limits, visibility: str, root: Path) -> Lab:
         data = self.mapping(data, key)
-        self.unknown(data, key, ("id", "title", "notebook", "limits", "tests", "settings", "visibility", "due"))
+        self.unknown(data, key, ("id", "title", "notebook", "limits", "tests", "settings", "visibility", "due", "late"))
         lab_id = self.text(data.get("id"), f"{key}.id")
         if "/" in lab_id or lab_id.startswith("."):
             self.fail(f"{key}.id", "a folder name", lab_id)
@@ -211,6 +223,7 @@ class _Validator:
         if not notebook.endswith(".ipynb"):
             self.fail(f"{key}.notebook", "a .ipynb file name", notebook)
         visibility = self.choice(data.get("visibility", visibility), f"{key}.visibility", VISIBILITIES)
+        due = self.when(data.get("due"), f"{key}.due")
         tests = {}
         for name, spec in self.mapping(data.get("tests", {}), f"{key}.tests").items():
             tests[name] = self.test(spec, f"{key}.tests.{name}", visibility)
@@ -219,8 +232,43 @@ class _Validator:
             **self.measured(self.limits(data.get("limits"), f"{key}.limits", limits), tests, root / "autograder" / lab_id,
                             set(data.get("limits") or {}), f"{key}"),
             settings=self.mapping(data.get("settings", {}), f"{key}.settings"), root=root,
-            due=self.when(data.get("due"), f"{key}.due"),
+            due=due, late=self.late(data.get("late"), f"{key}.late", due),
         )
+
+    def late(self, data: Any, key: str, due: dt.datetime | None) -> LatePolicy | None:
+        if data is None:
+            return None
+        data = self.mapping(data, key)
+        self.unknown(data, key, ("percent_per_day", "max_percent", "cutoff"))
+        if "percent_per_day" not in data and "cutoff" not in data:
+            self.fail(key, "percent_per_day and/or cutoff", data)
+        if due is None:
+            raise ConfigError(f"{self.path}: {key}: a late policy needs the lab's due date (add `due:` to the lab)")
+        policy = LatePolicy(
+            percent_per_day=self.number(data.get("percent_per_day", 0), f"{key}.percent_per_day", positive=False),
+            max_percent=self.number(data.get("max_percent", 100), f"{key}.max_percent", positive=False),
+            cutoff=self.when(data.get("cutoff"), f"{key}.cutoff"))
+        if policy.max_percent > 100:
+            self.fail(f"{key}.max_percent", "a percentage of the score, 0 to 100", policy.max_percent)
+        if policy.cutoff is not None and policy.cutoff <= due:
+            raise ConfigError(f"{self.path}: {key}.cutoff: {policy.cutoff.isoformat()} is not after the lab's due "
+                              f"date {due.isoformat()}; late work is accepted until the cutoff, so it must come later")
+        return policy
+
+    def extensions(self, data: Any, labs: dict[str, Lab]) -> dict[str, Lab]:
+        """extensions: {student: {lab: days}}, kept on each lab (its due date and cutoff
+        move by that many days for that student)."""
+        granted: dict[str, dict[str, float]] = {lab_id: {} for lab_id in labs}
+        for student, per_lab in self.mapping(data, "extensions").items():
+            key = f"extensions.{student}"
+            for lab_id, days in self.mapping(per_lab, key).items():
+                if lab_id not in labs:
+                    raise ConfigError(f"{self.path}: {key}.{lab_id}: no such lab; the labs are: {', '.join(labs)}")
+                if labs[lab_id].due is None:
+                    raise ConfigError(f"{self.path}: {key}.{lab_id}: lab {lab_id} has no due date to extend "
+                                      "(add `due:` to the lab, or remove the extension)")
+                granted[lab_id][str(student)] = self.number(days, f"{key}.{lab_id}")
+        return {lab_id: replace(lab, extensions=granted[lab_id]) for lab_id, lab in labs.items()}
 
     def measured(self, limits: Limits, tests: dict[str, TestSpec], suite_dir: Path, explicit: set[str],
                  key: str) -> dict:
@@ -246,12 +294,14 @@ class _Validator:
         return {"limits": limits, "tests": tests}
 
     def when(self, value: Any, key: str) -> dt.datetime | None:
-        """A due date: YAML timestamps, read as UTC when they name no zone."""
+        """A due date: YAML timestamps, read as UTC when they name no zone; a date alone
+        (quoted or not) is the end of that day."""
         if value is None:
             return None
         if isinstance(value, str):
             try:
-                value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                value = (dt.date.fromisoformat(value) if len(value) == len("2026-12-01")
+                         else dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
             except ValueError:
                 self.fail(key, "a date and time such as 2026-12-01T23:59:00Z", value)
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):

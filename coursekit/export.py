@@ -8,6 +8,11 @@
   a zero); graded students missing from the roster are reported. Without one, every graded
   student is a row, named by the id they were graded under.
 - ``--format csv``: one row per student, lab and hidden test, for analysis.
+
+Both apply course.yaml's late policies and extensions as they are now (coursekit.late),
+to the timestamp each result recorded: Canvas gets the score after the penalty (a
+column is an assignment there, so the raw score is not sent), the per-test CSV the raw
+test scores beside the submission's penalty.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coursekit.config import Course
+from coursekit.late import Lateness, assess
 from coursekit.results import RESULTS_FILE, Results, read_results
 
 CANVAS_COLUMNS = ["Student", "ID", "SIS User ID", "SIS Login ID", "Section"]
@@ -31,6 +37,15 @@ class ExportError(ValueError):
 class Graded:
     student: str
     results: Results
+
+    def lateness(self, course: Course) -> Lateness:
+        """The lab's late policy and the student's extension, as course.yaml says now."""
+        recorded = Lateness.from_json(self.results.extra.get("late"))
+        lab = course.labs.get(self.results.lab)
+        return assess(lab, self.student, recorded.submitted) if lab else recorded
+
+    def final_score(self, course: Course) -> float:
+        return self.lateness(course).final(self.results.score)
 
 
 def graded_results(out: Path) -> list[Graded]:
@@ -63,7 +78,7 @@ def canvas_csv(course: Course, graded: list[Graded], roster: list[dict[str, str]
     labs = list(course.labs.values())
     scores: dict[str, dict[str, float]] = {}
     for g in graded:
-        scores.setdefault(g.student, {})[g.results.lab] = g.results.score
+        scores.setdefault(g.student, {})[g.results.lab] = g.final_score(course)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CANVAS_COLUMNS + [lab.title for lab in labs])
@@ -86,14 +101,18 @@ def canvas_csv(course: Course, graded: list[Graded], roster: list[dict[str, str]
     return buffer.getvalue(), warnings
 
 
-def tests_csv(graded: list[Graded]) -> str:
+def tests_csv(course: Course, graded: list[Graded]) -> str:
+    """Raw test scores; the late columns are the submission's, the same on each of its rows."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["student", "lab", "test", "score", "max_score", "status"])
+    writer.writerow(["student", "lab", "test", "score", "max_score", "status", "submitted", "days_late",
+                     "late_penalty_percent"])
     for g in sorted(graded, key=lambda g: (g.results.lab, g.student)):
+        late = g.lateness(course)
         for test in g.results.tests:
             writer.writerow([g.student, g.results.lab, test.name, f"{test.score:g}", f"{test.max_score:g}",
-                             test.status])
+                             test.status, late.submitted.isoformat() if late.submitted else "", late.days_late,
+                             f"{late.percent:g}"])
     return buffer.getvalue()
 
 

@@ -13,6 +13,8 @@ import datetime as dt
 from html import escape
 from typing import TYPE_CHECKING
 
+from coursekit.late import Lateness
+
 if TYPE_CHECKING:
     from coursekit.results import Results
 
@@ -36,6 +38,12 @@ def shown(visibility: str, due: dt.datetime | None, now: dt.datetime, published:
     return True
 
 
+def late_note(results: Results) -> str:
+    """When the work was handed in, against the student's due date, and any late penalty."""
+    sentence = Lateness.from_json(results.extra.get("late")).describe()
+    return f"<p class='late'>{escape(sentence)}</p>" if sentence else ""
+
+
 def render(results: Results, title: str, due: dt.datetime | None = None, now: dt.datetime | None = None,
            published: bool = False) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -49,7 +57,7 @@ def render(results: Results, title: str, due: dt.datetime | None = None, now: dt
         detail = f"<pre>{escape(test.output)}</pre>" if test.output else ""
         rows.append(f"<tr><td>{escape(test.name)}{detail}</td>"
                     f"<td class='{status}'>{status}</td><td>{test.score:g} / {test.max_score:g}</td></tr>")
-    notes = []
+    notes = [late_note(results)]
     if results.output:
         notes.append(f"<div class='note'><b>About your notebook</b><pre>{escape(results.output)}</pre></div>")
     if withheld:

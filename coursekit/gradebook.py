@@ -4,9 +4,12 @@ A lab is mirrored into the gradebook from its source notebook by nbgrader's own
 SaveCells (so the written answers are grade cells formgrader knows), plus one
 autograded cell, ``hidden_tests``, worth the hidden suite's points. Each graded
 submission of an nbgrader tree becomes nbgrader's submission with that cell's
-score, its timestamp (late penalties then follow nbgrader's own rules and the due
-date of course.yaml), and a copy under autograded/ for formgrader to show. The
-manually graded cells are left for formgrader; nbgrader's export sums both.
+score, its timestamp, the student's extension (nbgrader's own field: its due date
+then includes it), its late penalty, and a copy under autograded/ for formgrader to
+show. The penalty is course.yaml's late policy where the lab has one, else nbgrader's
+LateSubmissionPlugin as nbgrader_config.py sets it. The manually graded cells are
+left for formgrader; nbgrader's export sums both and shows the raw score, the
+penalty and what is left.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import nbformat
 
 from coursekit.config import Course, Lab
+from coursekit.late import DAY, Lateness
 from coursekit.release import put_nbgrader_tools_on_path
 from coursekit.results import Results
 
@@ -62,28 +66,20 @@ def _nbgrader_settings(course: Course):
     return PyFileConfigLoader(path.name, path=str(course.root)).load_config()
 
 
-def submission_timestamp(notebook: Path) -> dt.datetime | None:
-    """nbgrader's collect writes timestamp.txt beside the submitted notebook."""
-    from nbgrader.utils import parse_utc
-
-    stamp = notebook.parent / "timestamp.txt"
-    if not stamp.exists():
-        return None
-    return parse_utc(stamp.read_text().strip())
-
-
 def record(course: Course, lab: Lab, gradebook, student: str, notebook: Path, results: Results) -> None:
     from nbgrader.api import MissingEntry
     from nbgrader.plugins import LateSubmissionPlugin
 
     notebook_id = Path(lab.notebook).stem
     gradebook.update_or_create_student(student)
-    timestamp = submission_timestamp(notebook)
+    late = Lateness.from_json(results.extra.get("late"))
+    timestamp = _naive_utc(late.submitted)
     try:
         submission = gradebook.find_submission(lab.id, student)
         submission.timestamp = timestamp
     except MissingEntry:
         submission = gradebook.add_submission(lab.id, student, timestamp=timestamp)
+    submission.extension = late.extension_days * DAY if late.extension_days else None
     submitted = gradebook.find_submission_notebook(notebook_id, lab.id, student)
     for grade in submitted.grades:
         if grade.name == HIDDEN_CELL:
@@ -93,7 +89,9 @@ def record(course: Course, lab: Lab, gradebook, student: str, notebook: Path, re
             grade.needs_manual_grade = True
     gradebook.db.commit()
     seconds_late = submission.total_seconds_late
-    if seconds_late > 0:  # as nbgrader's autograde: the plugin is asked about late work only
+    if lab.late is not None:
+        submitted.late_submission_penalty = late.penalty(submitted.score)
+    elif seconds_late > 0:  # as nbgrader's autograde: the plugin is asked about late work only
         plugin = LateSubmissionPlugin(config=_nbgrader_settings(course))
         submitted.late_submission_penalty = plugin.late_submission_penalty(student, submitted.score, seconds_late)
     else:

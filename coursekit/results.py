@@ -153,9 +153,16 @@ def failed_results(lab: Lab, message: str, seconds: float, extra: dict) -> Resul
     return build_results(lab, [], None, seconds, extra, problem=message)
 
 
+GRADEBOOK_COLUMNS = ["student", "lab", "score", "late_penalty", "final_score", "max_score", "percent", "submitted",
+                     "days_late", "problem"]
+
+
 def write_gradebook(path: Path, rows: list[dict]) -> None:
+    """grades.csv: `score` is the raw score, `final_score` what the late penalty leaves
+    of it, and `percent` is of the final score. Columns a row lacks (rows of an earlier
+    run's file) are left empty; anything else a row carries is not the gradebook's."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["student", "lab", "score", "max_score", "percent", "problem"])
+    writer = csv.DictWriter(buffer, fieldnames=GRADEBOOK_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow(row)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "coursekit"
 BATCH_SIDE = ["cli", "batch", "runners", "archive", "gradebook", "gradescope", "results", "check", "release", "export",
-              "feedback", "keys", "config", "similarity", "similarity_report"]
+              "feedback", "keys", "config", "similarity", "similarity_report", "late", "regrade", "tables"]
 # What batch-side modules import only inside the functions that need it (loaded here too).
 BATCH_SIDE_LAZY = ["copydetect"]
 

@@ -57,6 +57,22 @@ def test_a_valid_file_gives_points_limits_and_visibility(tmp_path):
     (lambda d: d["defaults"]["limits"].update(cpus=0), "defaults.limits.cpus: expected a positive number"),
     (lambda d: d["labs"][0].update(limits={"gpus": -1}), "labs[0].limits.gpus: expected a number >= 0"),
     (lambda d: d["image"].update(grader=""), "image.grader: expected a non-empty string"),
+    # Late work: a policy needs a due date; penalties are percentages; the cutoff comes after the due date.
+    (lambda d: d["labs"][0].update(late={"percent_per_day": 10}), "labs[0].late: a late policy needs the lab's due date"),
+    (lambda d: d["labs"][0].update(due="2026-01-01T12:00:00Z", late={"percent_per_day": -5}),
+     "labs[0].late.percent_per_day: expected a number >= 0, got -5"),
+    (lambda d: d["labs"][0].update(due="2026-01-01T12:00:00Z", late={"percent_per_day": 10, "max_percent": 150}),
+     "labs[0].late.max_percent: expected a percentage of the score, 0 to 100, got 150"),
+    (lambda d: d["labs"][0].update(due="2026-01-01T12:00:00Z", late={"cutoff": "2025-12-31T12:00:00Z"}),
+     "labs[0].late.cutoff: 2025-12-31T12:00:00+00:00 is not after the lab's due date"),
+    (lambda d: d["labs"][0].update(due="2026-01-01T12:00:00Z", late={"cutoff": "next week"}),
+     "labs[0].late.cutoff: expected a date and time"),
+    (lambda d: d["labs"][0].update(due="2026-01-01T12:00:00Z", late={"per_day": 10}), "labs[0].late: unknown key 'per_day'"),
+    (lambda d: d["labs"][0].update(due="2026-01-01T12:00:00Z", late={}), "labs[0].late: expected percent_per_day"),
+    (lambda d: d.update(extensions={"alice": {"l2": 2}}), "extensions.alice.l2: no such lab; the labs are: l1"),
+    (lambda d: d.update(extensions={"alice": {"l1": 2}}), "extensions.alice.l1: lab l1 has no due date to extend"),
+    (lambda d: (d["labs"][0].update(due="2026-01-01T12:00:00Z"), d.update(extensions={"alice": {"l1": -1}})),
+     "extensions.alice.l1: expected a positive number, got -1"),
 ])
 def test_errors_name_the_key(tmp_path, edit, message):
     data = _valid()
@@ -64,6 +80,16 @@ def test_errors_name_the_key(tmp_path, edit, message):
     with pytest.raises(ConfigError) as error:
         load_course(_write(tmp_path, data))
     assert message in str(error.value)
+
+
+def test_a_late_policy_and_extensions_are_read(tmp_path):
+    data = _valid()
+    data["labs"][0].update(due="2026-01-01T12:00:00Z", late={"percent_per_day": 10, "cutoff": "2026-01-08"})
+    data["extensions"] = {"alice": {"l1": 2}, 1234: {"l1": 0.5}}
+    lab = load_course(_write(tmp_path, data)).lab("l1")
+    assert (lab.late.percent_per_day, lab.late.max_percent) == (10, 100)   # no cap: up to all of the score
+    assert lab.late.cutoff.isoformat() == "2026-01-08T23:59:59+00:00"     # a date alone: the end of that day
+    assert lab.extensions == {"alice": 2, "1234": 0.5}                     # numeric student ids as text
 
 
 def test_resources_and_grader_image_have_defaults(tmp_path):

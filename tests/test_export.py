@@ -53,8 +53,9 @@ def test_canvas_csv_without_a_roster_lists_every_graded_student(out, toy_course)
 def test_per_test_csv(out, toy_course):
     assert main(["--course", str(toy_course.path), "export", str(out), "--format", "csv"]) == 0
     table = rows(out / "tests.csv")
-    assert table[0] == ["student", "lab", "test", "score", "max_score", "status"]
-    assert ["alice", "toy", "test_double", "3", "3", "passed"] in table
+    assert table[0] == ["student", "lab", "test", "score", "max_score", "status", "submitted", "days_late",
+                        "late_penalty_percent"]
+    assert ["alice", "toy", "test_double", "3", "3", "passed", "", "0", "0"] in table  # no timestamp: not late
 
 
 def test_a_folder_without_results_is_a_clear_error(tmp_path, toy_course, capsys):
