@@ -76,13 +76,15 @@ class Runner:
 
 
 class LocalRunner(Runner):
-    """A fresh worker process on this machine per submission, taken from a pool of
-    warm ones: each is started (interpreter, torch, transformers, the engine, and the
-    sandboxed kernel of the submission it expects) while the submission before it is
-    graded, then serves exactly one submission."""
+    """A fresh worker process on this machine per submission, forked by the batch's
+    zygote (coursekit.zygote: torch, transformers and the engine imported once) and
+    taken from a pool of warm ones: each is forked, and starts the sandboxed kernel of
+    the submission it expects, while the submission before it is graded, then serves
+    exactly one submission."""
 
     def __init__(self):
-        self._pool: list[subprocess.Popen] = []   # oldest first: warmed for the next jobs in order
+        self._zygote: ZygoteClient | None = None
+        self._pool: list[int] = []   # warm workers, oldest first: warmed for the next jobs in order
         self._lock = threading.Lock()
         self._queue: list[Job] = []
         self._given = 0   # jobs handed a worker so far
@@ -93,19 +95,20 @@ class LocalRunner(Runner):
     def run(self, job: Job) -> str:
         worker = self._take(job)
         args = job.worker_args(str(job.course.path), str(job.notebook), str(job.folder))
-        try:
-            worker.communicate(json.dumps({"args": args, "log": str(job.folder / LOG_FILE)}) + "\n",
-                               timeout=job.timeout)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        self._zygote.send(worker, json.dumps({"args": args, "log": str(job.folder / LOG_FILE)}))
+        status = self._zygote.wait(worker, timeout=job.timeout)
+        if status is None:
+            self._zygote.kill(worker)
+            self._zygote.wait(worker, timeout=None)
             return "grading ran past the submission's time limit and was stopped"
-        except BrokenPipeError:  # it died before reading its job
-            worker.wait()
-        return "" if worker.returncode == 0 else f"the grader's worker exited with status {worker.returncode}"
+        if status == ZYGOTE_GONE:
+            return "the grader's worker was lost: the process that starts workers (coursekit.zygote) ended while it ran"
+        return "" if status == 0 else f"the grader's worker exited with status {status}"
 
-    def _take(self, job: Job) -> subprocess.Popen:
+    def _take(self, job: Job) -> int:
         with self._lock:
+            if self._zygote is None:
+                self._zygote = ZygoteClient(worker_env(job.threads))
             worker = self._pool.pop(0) if self._pool else self._spawn(job)
             self._given += 1
             upcoming = self._given + len(self._pool)
@@ -113,29 +116,95 @@ class LocalRunner(Runner):
                 self._pool.append(self._spawn(self._queue[upcoming]))  # warming up meanwhile
         return worker
 
-    @staticmethod
-    def _spawn(job: Job) -> subprocess.Popen:
+    def _spawn(self, job: Job) -> int:
         """A worker told which submission to expect, so that it starts that one's kernel; a
         worker handed another (workers finishing out of order) starts a fresh one instead."""
-        worker = subprocess.Popen([sys.executable, *WORKER_MODULE, "--warm"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env=worker_env(job.threads), text=True)
         prepare = {"course": str(job.course.path), "lab": job.lab.id, "device": job.course.device,
                    "private": [str(p) for p in job.private]}
-        worker.stdin.write(json.dumps({"prepare": prepare}) + "\n")
-        worker.stdin.flush()
-        return worker
+        return self._zygote.spawn(json.dumps({"prepare": prepare}))
 
     def close(self) -> None:
-        """Tell the spare workers there is nothing more to grade."""
+        """Tell the spare workers there is nothing more to grade, then end the zygote."""
         with self._lock:
             pool, self._pool = self._pool, []
+            zygote, self._zygote = self._zygote, None
+        if zygote is None:
+            return
         for worker in pool:
+            zygote.send(worker, "")
+        for worker in pool:
+            if zygote.wait(worker, timeout=30) is None:
+                zygote.kill(worker)
+        zygote.close()
+
+
+class ZygoteClient:
+    """The batch's side of coursekit.zygote: ask for workers, hand each its job, learn
+    how each ended. Workers are numbered here; their exits come back on a reader thread."""
+
+    def __init__(self, env: dict[str, str]):
+        self._process = subprocess.Popen([sys.executable, "-m", "coursekit.zygote"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        self._write = threading.Lock()
+        self._exited: dict[int, int] = {}
+        self._ended = threading.Condition()
+        self._next = 0
+        self._gone = False   # the zygote itself ended: no worker of it can still exit normally
+        threading.Thread(target=self._read_replies, name="zygote-replies", daemon=True).start()
+
+    def spawn(self, first_line: str) -> int:
+        with self._write:
+            worker, self._next = self._next, self._next + 1
+        self._request({"spawn": worker, "line": first_line})
+        return worker
+
+    def send(self, worker: int, line: str) -> None:
+        self._request({"send": worker, "line": line})
+
+    def kill(self, worker: int) -> None:
+        self._request({"kill": worker})
+
+    def wait(self, worker: int, timeout: float | None) -> int | str | None:
+        """The worker's exit status, or None if it is still running after `timeout`."""
+        with self._ended:
+            self._ended.wait_for(lambda: worker in self._exited or self._gone, timeout)
+            if worker in self._exited:
+                return self._exited[worker]
+            return ZYGOTE_GONE if self._gone else None
+
+    def close(self) -> None:
+        try:
+            self._process.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def _request(self, message: dict) -> None:
+        with self._write:
             try:
-                worker.communicate("\n", timeout=30)
-            except (subprocess.TimeoutExpired, BrokenPipeError):
-                worker.kill()
-                worker.wait()
+                self._process.stdin.write((json.dumps(message) + "\n").encode())
+                self._process.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                pass   # the zygote is gone: wait() says so
+
+    def _read_replies(self) -> None:
+        for line in self._process.stdout:
+            reply = json.loads(line)
+            if "exited" in reply:
+                with self._ended:
+                    self._exited[reply["exited"]] = reply["status"]
+                    self._ended.notify_all()
+        with self._ended:
+            self._gone = True
+            self._ended.notify_all()
+
+
+# What wait() says of a worker whose zygote died before it reported the worker's exit.
+ZYGOTE_GONE = "gone"
 
 
 def worker_env(threads: int) -> dict[str, str]:

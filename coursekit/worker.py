@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -151,20 +152,17 @@ def main(argv: list[str] | None = None, ahead: StudentProcess | None = None) -> 
     return 0
 
 
-def serve() -> int:
-    """``python -m coursekit.worker --warm``: a worker started before its submission
-    is known. While another submission is graded it does the imports every grading
-    needs and, told which submission to expect (a first line {"prepare": ...}), starts
-    that submission's sandboxed kernel; then it reads its one job (the worker's
-    arguments and the log file to write to), grades it and exits, like any worker:
-    never two submissions in one process, never a kernel for two."""
-    import torch  # noqa: F401  (what every suite and oracle imports first)
-    import transformers  # noqa: F401
-
-    job, ahead = _read_line(), None
+def serve(lines: TextIO) -> int:
+    """A worker started before its submission is known (forked by coursekit.zygote,
+    the imports every grading needs already done). Told which submission to expect (a
+    first line {"prepare": ...}), it starts that submission's sandboxed kernel while
+    another submission is graded; then it reads its one job (the worker's arguments and
+    the log file to write to), grades it and exits, like any worker: never two
+    submissions in one process, never a kernel for two."""
+    job, ahead = _read_line(lines), None
     if isinstance(job, dict) and "prepare" in job:
         ahead = start_ahead(job["prepare"])
-        job = _read_line()
+        job = _read_line(lines)
     if not isinstance(job, dict) or "args" not in job:
         if ahead is not None:
             ahead.discard()
@@ -175,9 +173,9 @@ def serve() -> int:
     return main(job["args"], ahead)
 
 
-def _read_line():
+def _read_line(lines: TextIO):
     try:
-        return json.loads(sys.stdin.readline().strip() or "null")
+        return json.loads(lines.readline().strip() or "null")
     except ValueError:
         return None
 
@@ -198,4 +196,4 @@ def exit_with_parent() -> None:
 
 if __name__ == "__main__":
     exit_with_parent()
-    sys.exit(serve() if sys.argv[1:] == ["--warm"] else main())
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """No student process outlives its grader: `course grade` killed with SIGKILL in the
-middle of a submission takes its worker, the sandboxed kernel, what the notebook
+middle of a submission takes its zygote and worker, the sandboxed kernel, what the notebook
 started (a daemon in its own session included) and their control groups with it."""
 from __future__ import annotations
 
@@ -66,11 +66,17 @@ def test_killing_the_batch_kills_every_student_process(tmp_path, write_notebook)
         ours = {kernel, parent(kernel)}
         assert ours <= processes("course-student-"), "the daemon's parent is not a sandboxed kernel"
         groups = {g for g in control_groups() if g.name == f"coursekit-{parent(kernel)}"}
+        # Above the launcher: its grader worker, and the zygote that forked the worker.
+        worker = parent(parent(kernel))
+        zygote = parent(worker)
+        assert processes("coursekit.zygote") >= {zygote} and parent(zygote) == batch.pid
         os.kill(batch.pid, signal.SIGKILL)
         batch.wait()
         assert wait_for(lambda: not processes(MARKER), 15), "the notebook's daemon outlived the batch"
         assert wait_for(lambda: not (processes("course-student-") & ours), 15), \
             "the sandboxed kernel outlived the batch"
+        assert wait_for(lambda: not (processes("coursekit") & {worker, zygote}), 15), \
+            "the grader's worker or zygote outlived the batch"
         assert wait_for(lambda: not (control_groups() & groups), 15), \
             f"control groups left behind: {control_groups() & groups}"
     finally:

@@ -1,0 +1,154 @@
+"""``python -m coursekit.zygote``: where a batch's local grader workers come from.
+
+Starting a grader worker is mostly importing torch, transformers, pytest and the
+engine: seconds of CPU per submission, on the same cores that grade. The zygote does
+those imports once per batch, then forks one worker per submission on request. Each
+fork is a fresh process that serves exactly one submission (coursekit.worker.serve)
+and exits, so nothing of one submission reaches another; the zygote itself never
+reads a notebook, starts a kernel or touches a GPU (a CUDA context does not survive a
+fork), it only forks, forwards lines and reports exits.
+
+Protocol, one JSON object per line. In (stdin, from coursekit.runners.LocalRunner):
+  {"spawn": ID, "line": "..."}   fork worker ID, its stdin's first line already written
+  {"send": ID, "line": "..."}    the worker's last line (its job, or "" for none)
+  {"kill": ID}                   SIGKILL it (a submission past its time limit)
+Out (stdout): {"exited": ID, "status": CODE}, CODE as subprocess reports it (negative: killed by that signal). EOF on stdin: the batch is
+over or its process died; the zygote exits, and its workers with it
+(coursekit.worker.exit_with_parent), and their kernels with them (coursekit.sandbox).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import sys
+import traceback
+
+
+class Zygote:
+    def __init__(self, requests: int, replies: int):
+        self.requests, self.replies = requests, replies
+        self.pending = b""
+        self.pipes: dict[int, int] = {}      # worker id -> write end of its stdin
+        self.pids: dict[int, int] = {}       # pid -> worker id
+        # A worker's exit wakes the loop at once (the batch is waiting for it).
+        self.wakeup, wakeup_write = os.pipe()
+        os.set_blocking(wakeup_write, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wakeup_write)
+        self.own = [self.requests, self.replies, self.wakeup, wakeup_write]
+
+    def run(self) -> int:
+        while True:
+            ready, _, _ = select.select([self.requests, self.wakeup], [], [], 1.0)
+            if self.wakeup in ready:
+                os.read(self.wakeup, 1 << 12)
+            self.reap()
+            if self.requests not in ready:
+                continue
+            chunk = os.read(self.requests, 1 << 16)
+            if not chunk:
+                return 0
+            self.pending += chunk
+            *lines, self.pending = self.pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    self.handle(json.loads(line))
+
+    def handle(self, request: dict) -> None:
+        if "spawn" in request:
+            self.spawn(request["spawn"], request["line"])
+        elif "send" in request:
+            fd = self.pipes.pop(request["send"], None)
+            if fd is not None:
+                _write_all(fd, request["line"] + "\n")
+                os.close(fd)
+        elif "kill" in request:
+            for pid, worker in self.pids.items():
+                if worker == request["kill"]:
+                    os.kill(pid, signal.SIGKILL)
+
+    def spawn(self, worker: int, first_line: str) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write)
+            _become_worker(read, [*self.own, *self.pipes.values()])
+        os.close(read)
+        _write_all(write, first_line + "\n")
+        self.pipes[worker], self.pids[pid] = write, worker
+
+    def reap(self) -> None:
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.pids.pop(pid, None)
+            if worker is not None:
+                fd = self.pipes.pop(worker, None)
+                if fd is not None:
+                    os.close(fd)
+                self.reply({"exited": worker, "status": os.waitstatus_to_exitcode(status)})
+
+    def reply(self, message: dict) -> None:
+        _write_all(self.replies, json.dumps(message) + "\n")
+
+
+def _become_worker(stdin: int, inherited: list[int]) -> None:
+    """In the fork: shed the zygote's pipes, serve one submission, never return."""
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in inherited:
+            os.close(fd)
+        os.dup2(stdin, 0)
+        os.close(stdin)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)   # until the worker opens its log: nothing may reach the zygote's replies
+        os.close(devnull)
+        from coursekit.worker import exit_with_parent, serve
+
+        exit_with_parent()
+        with os.fdopen(0, "r", closefd=False) as lines:
+            code = serve(lines)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001  whatever it was, this process must not return into the zygote
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _write_all(fd: int, text: str) -> None:
+    data = text.encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def main() -> int:
+    # Replies go out on a copy of stdout; fd 1 itself goes to stderr, so that nothing an
+    # import prints can be taken for a reply.
+    replies = os.dup(1)
+    os.dup2(2, 1)
+    import pytest  # noqa: F401  what every worker needs, imported once for all of them
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import coursekit.worker  # noqa: F401
+
+    return Zygote(0, replies).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
