@@ -26,6 +26,7 @@ from coursekit import runners
 from coursekit.batch import discover, grade_batch
 from coursekit.keys import submission_key
 from coursekit.results import RESULTS_FILE
+from coursekit.config import TestSpec
 from coursekit.runners import DockerRunner, Job, LocalRunner, RayRunner, cluster_capacity, docker_command
 
 from .conftest import TOY_CELLS, toy_notebook
@@ -158,7 +159,7 @@ def test_docker_runner_brings_the_results_back(toy_course, tmp_path, fake_docker
 def test_docker_runner_refuses_an_image_with_another_course(toy_course, tmp_path, fake_docker):
     job = _job(toy_course, tmp_path / "alice.ipynb", tmp_path / "out")
     fake_docker.image_holds(job)
-    edited = dataclasses.replace(job, lab=dataclasses.replace(job.lab, tests={**job.lab.tests, "test_new": 5}))
+    edited = dataclasses.replace(job, lab=dataclasses.replace(job.lab, tests={**job.lab.tests, "test_new": TestSpec(5, "visible")}))
     runner = DockerRunner("me/grader")
     for _ in range(2):
         assert "the grader image me/grader holds another version of lab toy" in runner.run(edited)
