@@ -81,7 +81,7 @@ def defined_names(source: str) -> dict[str, ast.stmt]:
     if source.lstrip().startswith("%%"):
         return {}
     # Shell and line magics (!pip, %time) are IPython's, not Python's: read them as `pass`.
-    python = re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.M)
+    python = re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE)
     try:
         tree = ast.parse(python)
     except SyntaxError:

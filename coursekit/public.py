@@ -66,9 +66,9 @@ def graded_names(lab: Lab, source_notebook: Path) -> list[dict]:
 
 def public_copy(path: Path, public: set[str], lab: Lab) -> str:
     """The suite file at `path` cut down to its tests in `public` and what they use."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    lines = path.read_text(encoding="utf-8").splitlines()
-    body = [node for node in tree.body if not _is_docstring(node)]
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    body = [node for node in ast.parse(text, filename=str(path)).body if not _is_docstring(node)]
     binds = [statement_names(node) for node in body]
     needed, kept = set(public), set()
     grew = True
@@ -82,25 +82,23 @@ def public_copy(path: Path, public: set[str], lab: Lab) -> str:
                 needed |= _uses(node)
                 grew = True
     where = f"course.yaml marks {', '.join(sorted(public))} of lab {lab.id} public"
-    for i in sorted(kept):
-        node = body[i]
-        hidden = {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                  and n.name.startswith("test") and n.name not in public}
-        if hidden:
-            raise ConfigError(f"{where}, but {path.name} makes it use {sorted(hidden)[0]}, a test that is not "
-                              "public: mark both public, or move the code they share out of the test")
-        if "__file__" in _uses(node):
-            raise ConfigError(f"{where}, but the code it needs in {path.name} reads files beside the suite "
-                              "(__file__), which students do not have: such a test cannot be public")
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and _beside_suite(node, path.parent):
-            raise ConfigError(f"{where}, but the code it needs in {path.name} imports a module beside the "
-                              "suite, which students do not have: such a test cannot be public")
+    nodes = [body[i] for i in sorted(kept)]
+    hidden = {n.name for node in nodes for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and n.name.startswith("test") and n.name not in public}
+    if hidden:
+        raise ConfigError(f"{where}, but {path.name} makes it use {min(hidden)}, a test that is not "
+                          "public: mark both public, or move the code they share out of the test")
+    if any("__file__" in _uses(node) for node in nodes):
+        raise ConfigError(f"{where}, but the code it needs in {path.name} reads files beside the suite "
+                          "(__file__), which students do not have: such a test cannot be public")
+    if any(isinstance(node, (ast.Import, ast.ImportFrom)) and _beside_suite(node, path.parent) for node in nodes):
+        raise ConfigError(f"{where}, but the code it needs in {path.name} imports a module beside the "
+                          "suite, which students do not have: such a test cannot be public")
     header = (f'"""Public checks of lab {lab.id}: the tests course.yaml marks public, copied from\n'
               f'{path.name} by `course release` with the code they use. Students run them with\n'
               '`course validate`. Edit the suite and release again, not this copy."""')
     parts, previous = [header], None
-    for i in sorted(kept):
-        node = body[i]
+    for node in nodes:
         first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
         is_import = isinstance(node, (ast.Import, ast.ImportFrom))
         separator = "\n" if is_import and previous else "\n\n" if previous is None else "\n\n\n"
@@ -124,7 +122,7 @@ def write_public(root: Path, lab: Lab) -> None:
             write_atomic(folder / path.name, public_copy(path, tests, lab))
             found |= tests
     if public - found:
-        raise ConfigError(f"course.yaml marks {sorted(public - found)[0]} of lab {lab.id} public, but no "
+        raise ConfigError(f"course.yaml marks {min(public - found)} of lab {lab.id} public, but no "
                           f"test_*.py of {lab.suite_dir} defines it")
 
 

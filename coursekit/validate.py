@@ -32,7 +32,7 @@ from coursekit.batch import submissions_root
 from coursekit.config import ConfigError, Course, Lab
 from coursekit.errors import MissingName, StudentCrashed, StudentTimeout
 from coursekit.notebook import SKIPPED_TAGS, Cell, defined_names, notebook_lab, read_notebook
-from coursekit.outcomes import CellError
+from coursekit.outcomes import CaseOutcome, CellError
 from coursekit.proxy import Student
 from coursekit.public import read_graded_names
 from coursekit.results import TestResult, score_tests
@@ -41,7 +41,14 @@ from coursekit.worker import run_suite, student_run
 # Where IPython's traceback places a frame in a notebook cell: "Cell In[7] (cell #9), line 3",
 # once the grader has named the cell.
 CELL_FRAME = re.compile(r"In\s*\[(\d+)\](?: \(cell #\d+\))?, line (\d+)")
-DETAIL_LINES = 4   # of a failed public test's message
+DETAIL_LINES = 3   # of the message of a failed public test's first failed case
+DETAIL_WIDTH = 200
+
+
+@dataclass
+class PublicCheck:
+    result: TestResult             # scored as grading scores it
+    failures: list[CaseOutcome]    # its failed cases, each with what the student is told
 
 
 @dataclass
@@ -52,14 +59,14 @@ class Report:
     notes: list[str] = field(default_factory=list)          # worth knowing, costs no points
     cells: list[str] = field(default_factory=list)          # the cells that raise
     names: list[tuple[str, str, str]] = field(default_factory=list)   # (name, task, problem or "")
-    checks: list[TestResult] = field(default_factory=list)  # the public tests
+    checks: list[PublicCheck] = field(default_factory=list)
     stopped: str = ""                    # why the student process could not go on
     run: dict = field(default_factory=dict)   # code cells run and skipped, seconds
 
     @property
     def problems(self) -> int:
         return (bool(self.wrong_lab) + len(self.cells) + sum(bool(p) for _, _, p in self.names)
-                + sum(t.status != "passed" for t in self.checks) + bool(self.stopped))
+                + sum(c.result.status != "passed" for c in self.checks) + bool(self.stopped))
 
     @property
     def exit_code(self) -> int:
@@ -75,9 +82,11 @@ def validate(course: Course, notebook: Path, lab_id: str | None = None, progress
         return report
     graded = read_graded_names(lab)
     code = [Cell(n, c.source) for n, c in enumerate(nb.cells, start=1) if c.cell_type == "code"]
-    skipped = {n for n, c in enumerate(nb.cells, start=1) if set(c.get("metadata", {}).get("tags", [])) & SKIPPED_TAGS}
+    skipped = {n: sorted(set(c.get("metadata", {}).get("tags", [])) & SKIPPED_TAGS)   # code cell -> its tags
+               for n, c in enumerate(nb.cells, start=1) if c.cell_type == "code"}
+    skipped = {n: tags for n, tags in skipped.items() if tags}
     progress(f"course validate: running {notebook.name} as the grader runs it (lab {lab.id}: "
-             f"{len(code) - len(skipped & {c.number for c in code})} code cells; demo and training cells skipped)...")
+             f"{len(code) - len(skipped)} code cells; {len(skipped)} tagged demo or training skipped)...")
     started = time.monotonic()
     # The notebook's own folder stays out of the student process's sight, as in grading:
     # a notebook that reads a file beside itself fails here as it would there.
@@ -88,13 +97,14 @@ def validate(course: Course, notebook: Path, lab_id: str | None = None, progress
             progress(f"course validate: running the lab's {len(public)} public check(s)...")
             with contextlib.redirect_stdout(io.StringIO()):  # pytest's own report; the outcomes say it all
                 plugin = run_suite(lab, run, process.device, lab.public_dir, tuple(public))
-            report.checks = score_tests(dataclasses.replace(lab, tests={n: lab.tests[n] for n in public}),
-                                        plugin.outcomes)
+            scored = score_tests(dataclasses.replace(lab, tests={n: lab.tests[n] for n in public}), plugin.outcomes)
+            report.checks = [PublicCheck(result, [o for o in plugin.outcomes if o.function == result.name
+                                                  and not o.passed]) for result in scored]
     report.stopped = run.broken or ""
     report.cells = [_describe(error, run.exec_to_cell) for error in run.log.cell_errors]
     report.names = [(g["name"], g["task"], name_problem(g["name"], present.get(g["name"]), code, skipped,
                                                         run.log.cell_errors)) for g in graded]
-    report.run = {"code_cells": len(code), "skipped": len(skipped & {c.number for c in code}),
+    report.run = {"code_cells": len(code), "skipped": len(skipped),
                   "seconds": round(time.monotonic() - started, 1), "startup": round(run.log.startup_seconds, 1),
                   "notebook": round(run.log.notebook_seconds, 1)}
     return report
@@ -153,7 +163,7 @@ def _look_up(run, names: list[str]) -> dict[str, bool]:
     return present
 
 
-def name_problem(name: str, present: bool | None, code: list[Cell], skipped: set[int],
+def name_problem(name: str, present: bool | None, code: list[Cell], skipped: dict[int, list[str]],
                  cell_errors: list[CellError]) -> str:
     """What keeps a graded name from its points, or "": the grader's run (`present`: the
     name exists once the notebook has run; None: the run never got that far) read together with
@@ -178,9 +188,9 @@ def name_problem(name: str, present: bool | None, code: list[Cell], skipped: set
         return (f"missing: cell #{run_here[-1][0].number} defines it, but it did not exist once the notebook "
                 "had run (is the definition under a condition, or deleted later?)")
     if defining:
-        where = ", ".join(f"#{cell.number}" for cell, _ in defining)
-        return (f"defined only in cell {where}, tagged demo or training: the grader skips such cells; "
-                "define it in a cell without those tags")
+        where = ", ".join(f"#{cell.number} (tagged {' and '.join(skipped[cell.number])})" for cell, _ in defining)
+        return (f"defined only in cell {where}, which the grader skips: define it in a cell without the "
+                "demo or training tag")
     return "missing: no cell of the notebook defines it (check its spelling against the lab's contract)"
 
 
@@ -231,18 +241,28 @@ def format_report(report: Report) -> str:
         hidden = len(lab.tests) - len(report.checks)
         lines += ["", f"Public checks ({len(report.checks)}; the other {hidden} tests of the lab run only when "
                       "it is graded):" if report.checks else "Public checks: none in this lab"]
-        for test in report.checks:
-            if test.status == "passed":
-                lines.append(f"  ok   {test.name}")
-                continue
-            detail = test.output.splitlines()
-            lines.append(f"  FAIL {test.name}" + (f": {detail[0]}" if detail else ""))
-            lines += [f"       {line}" for line in detail[1:DETAIL_LINES]]
-            if len(detail) > DETAIL_LINES:
-                lines.append(f"       ... ({len(detail) - DETAIL_LINES} more lines)")
+        for check in report.checks:
+            lines += _check_lines(check)
     lines.append("")
     lines.append(f"{report.problems} problem(s): the notebook would lose points as it is; fix them and run "
                  "`course validate` again." if report.problems else
                  "No problems found: every cell runs, every graded name is there, the public checks pass. "
                  "The hidden tests decide the rest of the grade.")
     return "\n".join(lines)
+
+
+def _check_lines(check: PublicCheck) -> list[str]:
+    result = check.result
+    if result.status == "passed":
+        return [f"  ok   {result.name}"]
+    summary = result.output.splitlines()[0] if "cases passed" in result.output else ""
+    lines = [f"  FAIL {result.name}" + (f": {summary}" if summary else "")]
+    if not check.failures:
+        return lines + [f"       {result.output.splitlines()[-1]}"] if result.output else lines
+    first = check.failures[0]
+    message = first.message.splitlines() or ["failed"]
+    lines.append(f"       {f'[{first.case}] ' if first.case else ''}{message[0]}"[:DETAIL_WIDTH])
+    lines += [f"       {line}"[:DETAIL_WIDTH] for line in message[1:DETAIL_LINES]]
+    if len(check.failures) > 1:
+        lines.append(f"       ... and {len(check.failures) - 1} more failed case(s)")
+    return lines
