@@ -1,9 +1,11 @@
 """`course validate` on lab 01: the stub reports every task as not implemented, the reference
 is clean, a graded function defined only in a demo cell is reported as such, and a notebook of
 another lab is named for what it is. The three notebooks that run share this module's one
-import of the engine; each runs once, in its own sandboxed kernel, as grading runs it."""
+import of the engine; each runs once, in its own sandboxed kernel, as grading runs it. The stub
+runs as in the student image: from its own folder, in a course without autograder/."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -31,11 +33,24 @@ def _in_a_demo_cell(folder: Path) -> Path:
     return path
 
 
+def _student_image_course(root: Path) -> Path:
+    """What the student image holds of the course: course.yaml, data/, public/ and release/."""
+    shutil.copy(COURSE.path, root / "course.yaml")
+    (root / "data").symlink_to(COURSE.root / "data")
+    for folder in ("public", "release"):
+        shutil.copytree(COURSE.root / folder / LAB.id, root / folder / LAB.id)
+    return root / "course.yaml"
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
+    quiet = lambda line: None  # noqa: E731
+    student_course = load_course(_student_image_course(tmp_path_factory.mktemp("student_image")))
+    with contextlib.chdir(student_course.lab(LAB.id).notebook_in("release").parent):
+        stub = validate(student_course, Path(LAB.notebook), progress=quiet)
     demo = _in_a_demo_cell(tmp_path_factory.mktemp("demo_only"))
-    notebooks = {"stub": LAB.notebook_in("release"), "reference": LAB.notebook_in("solutions"), "demo_only": demo}
-    return {kind: validate(COURSE, path, progress=lambda line: None) for kind, path in notebooks.items()}
+    return {"stub": stub, "reference": validate(COURSE, LAB.notebook_in("solutions"), progress=quiet),
+            "demo_only": validate(COURSE, demo, progress=quiet)}
 
 
 def test_the_stub_reports_every_task_as_not_implemented(reports):
@@ -47,7 +62,8 @@ def test_the_stub_reports_every_task_as_not_implemented(reports):
     # Each task's self-check raises, at the student's own `raise NotImplementedError()`.
     assert len(report.cells) == 5
     assert all("raised NotImplementedError" in c and "raise NotImplementedError()" in c for c in report.cells)
-    assert [t.status for t in report.checks] == ["failed", "failed"]
+    assert [c.result.status for c in report.checks] == ["failed", "failed"]
+    assert all("NotImplementedError" in f.message for c in report.checks for f in c.failures)
     assert report.exit_code == 1 and "problem(s)" in format_report(report)
 
 
@@ -55,7 +71,8 @@ def test_the_reference_is_clean(reports):
     report = reports["reference"]
     assert report.problems == 0 and report.exit_code == 0, format_report(report)
     assert [problem for _, _, problem in report.names] == [""] * 5
-    assert sorted(t.name for t in report.checks) == sorted(LAB.public_tests) and len(report.checks) == 2
+    assert sorted(c.result.name for c in report.checks) == sorted(LAB.public_tests) and len(report.checks) == 2
+    assert all(c.result.status == "passed" and not c.failures for c in report.checks)
     assert report.run["skipped"] >= 1 and not report.wrong_lab and not report.notes
     assert "No problems found" in format_report(report)
 
@@ -67,8 +84,9 @@ def test_a_graded_function_defined_only_in_a_demo_cell_is_reported_as_such(repor
     assert "tagged demo" in format_report(report)
     assert set(problems.values()) == {""}, problems
     # The grader never defines it: the public check that calls it fails on the missing name.
-    failed = [t for t in report.checks if t.status != "passed"]
-    assert [t.name for t in failed] == ["test_make_padding_mask"] and DEMO_ONLY in failed[0].output
+    failed = [c for c in report.checks if c.result.status != "passed"]
+    assert [c.result.name for c in failed] == ["test_make_padding_mask"]
+    assert all(f"does not define `{DEMO_ONLY}`" in f.message for f in failed[0].failures)
     assert report.exit_code == 1
 
 
