@@ -37,8 +37,8 @@ def test_the_leak_check_sees_a_hidden_test_in_public(tmp_path):
         handle.write("\n\ndef test_sdpa_masks(student):\n    pass\n")
     lab = type(LAB)(**{**LAB.__dict__, "root": root})
     course = type(COURSE)(**{**COURSE.__dict__, "root": root, "labs": {lab.id: lab}})
-    assert check_leaks(course, lab) == [f"{LAB.id}: public/{LAB.id}/ holds test_sdpa_masks, a test course.yaml "
-                                        "does not mark public"]
+    assert check_leaks(course, lab) == [(f"{LAB.id}: public/{LAB.id}/ holds test_sdpa_masks, a test course.yaml "
+                                         "does not mark public")]
 
 
 SUITE = '''"""A suite."""
