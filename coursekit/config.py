@@ -43,9 +43,8 @@ class TestSpec:
     timeout: float | None = None
     reference_seconds: float | None = None        # what the reference needs for this test, measured
     # Students may run it before submitting (`course validate`, from the copy `course release`
-    # writes under public/). Left out of the repr: submission keys hash the specs' repr, and
-    # who may run a test beforehand changes no grade.
-    public: bool = field(default=False, repr=False)
+    # writes under public/); not part of a submission's key (coursekit.keys): it changes no grade.
+    public: bool = False
 
 
 @dataclass(frozen=True)

@@ -97,13 +97,17 @@ def test_a_late_policy_and_extensions_are_read(tmp_path):
 
 
 def test_a_test_marked_public_is_listed_and_leaves_submission_keys_alone(tmp_path):
+    from coursekit.keys import submission_key
+
     data = _valid()
     plain = load_course(_write(tmp_path, data)).lab("l1")
     data["labs"][0]["tests"]["test_a"] = {"points": 2, "public": True}
     lab = load_course(_write(tmp_path, data)).lab("l1")
     assert lab.public_tests == ["test_a"] and plain.public_tests == []
-    # Who may run a test beforehand changes no grade: the specs hash as before.
-    assert repr(sorted(lab.tests.items())) == repr(sorted(plain.tests.items()))
+    # Who may run a test beforehand changes no grade: nothing graded before is regraded.
+    notebook = tmp_path / "l.ipynb"
+    notebook.write_text("{}")
+    assert submission_key(lab, notebook) == submission_key(plain, notebook)
 
 
 def test_resources_and_grader_image_have_defaults(tmp_path):
