@@ -136,15 +136,15 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
         if ahead is not None:
             ahead.discard()
         return failed_results(lab, str(exc), time.monotonic() - started, extra)
-    with student_run(course, lab, nb, private, ahead) as (process, session):
-        plugin = run_suite(lab, session, process.device, lab.suite_dir, only)
-    problem = f"Grading stopped early: {session.broken}" if session.broken else ""
-    extra = {**extra, "student_user": process.isolation.description, "sandbox": session.sandbox,
+    with student_run(course, lab, nb, private, ahead) as (process, run):
+        plugin = run_suite(lab, run, process.device, lab.suite_dir, only)
+    problem = f"Grading stopped early: {run.broken}" if run.broken else ""
+    extra = {**extra, "student_user": process.isolation.description, "sandbox": run.sandbox,
              "environment": plugin.environment,
              "student_process": {"folder": process.workdir.name, "started_ahead": ahead is not None}}
     if only:
         extra["only_tests"] = sorted(only)
-    return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem,
+    return build_results(lab, plugin.outcomes, run.log, time.monotonic() - started, extra, problem,
                          suite_hints(lab.suite_dir))
 
 
