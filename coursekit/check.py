@@ -2,6 +2,8 @@
 
 - course.yaml gives points to exactly the suite's test functions;
 - release/ and solutions/ are what `course release` makes of source/ today;
+- public/ (what students may see of each suite: coursekit.public) is what `course release`
+  makes today, and holds no test that course.yaml does not mark public;
 - release/ holds no solution code and no hidden-test text;
 - code a notebook provides from earlier labs (its metadata `course.provided`:
   {lab id: [grade ids]}) is those labs' solution code, unchanged;
@@ -26,6 +28,7 @@ import nbformat
 from coursekit.batch import Submission, grade_batch
 from coursekit.config import TIMINGS_FILE, Course, Lab, derived_limit
 from coursekit.notebook import HINTS_FILE
+from coursekit.public import copied_tests
 from coursekit.release import EXAMPLES, OUTPUT_FOLDERS, generate
 from coursekit.results import RESULTS_FILE, Results, read_results, write_atomic
 
@@ -68,6 +71,9 @@ def check_up_to_date(course: Course, lab: Lab) -> list[str]:
                         f"run `course release {lab.id}`"]
         else:
             problems = []
+        if _files(scratch / "public" / lab.id) != _files(lab.public_dir):
+            problems.append(f"{lab.id}: public/{lab.id}/ is not what `course release {lab.id}` makes of the suite, "
+                            "course.yaml and source/; run it")
         examples = course.root / "examples" / lab.id
         if examples.is_dir():
             for name, made_in in EXAMPLES.items():
@@ -83,6 +89,10 @@ def check_up_to_date(course: Course, lab: Lab) -> list[str]:
                 problems.append(f"{lab.id}: {committed.relative_to(course.root)} is out of date with "
                                 f"source/; run `course release {lab.id}`")
         return problems
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*")) if p.is_file()}
 
 
 def solution_lines(nb: nbformat.NotebookNode) -> tuple[set[str], set[str]]:
@@ -102,13 +112,14 @@ def solution_lines(nb: nbformat.NotebookNode) -> tuple[set[str], set[str]]:
 
 
 def check_leaks(course: Course, lab: Lab) -> list[str]:
+    problems = [f"{lab.id}: public/{lab.id}/ holds {name}, a test course.yaml does not mark public"
+                for name in sorted(copied_tests(lab) - set(lab.public_tests))]
     release = course.root / "release" / lab.id
     if not release.exists():
-        return []
+        return problems
     text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(release.rglob("*")) if p.is_file())
     released_lines = {line.strip() for nb_path in release.rglob("*.ipynb")
                       for cell in nbformat.read(nb_path, as_version=4).cells for line in cell.source.splitlines()}
-    problems = []
     for marker in (BEGIN, END, "BEGIN HIDDEN TESTS", "BEGIN MARK SCHEME"):
         if marker in text:
             problems.append(f"{lab.id}: release/ contains the marker {marker!r}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from coursekit.config import DEVICE_POLICIES, ConfigError, load_course
 from coursekit.export import ExportError
 from coursekit.late import TimestampError
+from coursekit.notebook import SubmissionError
 from coursekit.release import ReleaseError
 from coursekit.similarity import DEFAULT_THRESHOLD, SimilarityError
 
@@ -70,15 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     gradescope.add_argument("lab")
     gradescope.add_argument("--out", type=Path, help="zip path (default: gradescope-<lab>.zip)")
 
+    validate = commands.add_parser(
+        "validate", help="before submitting: run a notebook as the grader does and report what would lose points",
+        description="Run the notebook as the grader does (same sandboxed process; cells tagged demo or training "
+                    "skipped) and report the cells that raise, the lab's graded names that are missing, defined "
+                    "only in a skipped cell or not implemented, the lab's public checks, and whether the notebook "
+                    "is the lab's. Exit status: 0 when none of these finds a problem, 1 when one does, 2 when "
+                    "the notebook cannot be read or its lab cannot be told.")
+    validate.add_argument("notebook", type=Path, help="the .ipynb (save it first: the saved file is what is run)")
+    validate.add_argument("--lab", help="the lab it is for, when its folder and file name do not say (see course.yaml)")
+
     args = parser.parse_args(argv)
     try:
         course = load_course(args.course)
         commands = {"grade": _grade, "release": _release, "check": _check, "gradescope": _gradescope,
-                    "export": _export, "similarity": _similarity}
+                    "export": _export, "similarity": _similarity, "validate": _validate}
         return commands[args.command](course, args)
-    # ConnectionError: a Ray cluster that cannot be reached.
+    # ConnectionError: a Ray cluster that cannot be reached. SubmissionError: a notebook
+    # `course validate` cannot read.
     except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError, ExportError, SimilarityError,
-            TimestampError) as exc:
+            TimestampError, SubmissionError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
 
@@ -178,6 +190,16 @@ def _similarity(course, args) -> int:
     write_atomic(target, page(comparison))
     print(summary(comparison, target))
     return 0
+
+
+def _validate(course, args) -> int:
+    from coursekit.validate import format_report, validate
+
+    if not args.notebook.is_file():
+        raise FileNotFoundError(f"{args.notebook}: no such notebook (run `course validate` on the saved .ipynb)")
+    report = validate(course, args.notebook, args.lab)
+    print(format_report(report))
+    return report.exit_code
 
 
 def _gradescope(course, args) -> int:

@@ -42,6 +42,9 @@ class TestSpec:
     visibility: str
     timeout: float | None = None
     reference_seconds: float | None = None        # what the reference needs for this test, measured
+    # Students may run it before submitting (`course validate`, from the copy `course release`
+    # writes under public/); not part of a submission's key (coursekit.keys): it changes no grade.
+    public: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,15 @@ class Lab:
     @property
     def suite_dir(self) -> Path:
         return self.root / "autograder" / self.id
+
+    @property
+    def public_dir(self) -> Path:
+        """What students may see of the suite (coursekit.public): its graded names, its public tests."""
+        return self.root / "public" / self.id
+
+    @property
+    def public_tests(self) -> list[str]:
+        return [name for name, spec in self.tests.items() if spec.public]
 
 
 @dataclass(frozen=True)
@@ -313,10 +325,19 @@ class _Validator:
     def test(self, spec: Any, key: str, visibility: str) -> TestSpec:
         if not isinstance(spec, dict):
             return TestSpec(points=self.number(spec, key, positive=False), visibility=visibility)
-        self.unknown(spec, key, ("points", "visibility", "timeout"))
+        self.unknown(spec, key, ("points", "visibility", "timeout", "public"))
         timeout = spec.get("timeout")
+        public = spec.get("public", False)
+        if not isinstance(public, bool):
+            self.fail(f"{key}.public", "true or false (true: students may run this test before submitting, "
+                      "with `course validate`)", public)
+        visibility = self.choice(spec.get("visibility", visibility), f"{key}.visibility", VISIBILITIES)
+        if public and visibility == "hidden":
+            raise ConfigError(f"{self.path}: {key}: a public test cannot have visibility 'hidden': students "
+                              "run it before submitting; drop one of the two")
         return TestSpec(
             points=self.number(spec.get("points"), f"{key}.points", positive=False),
-            visibility=self.choice(spec.get("visibility", visibility), f"{key}.visibility", VISIBILITIES),
+            visibility=visibility,
             timeout=None if timeout is None else self.number(timeout, f"{key}.timeout"),
+            public=public,
         )

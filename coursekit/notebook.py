@@ -2,7 +2,9 @@
 which cells the grader runs, and which lab the notebook belongs to."""
 from __future__ import annotations
 
+import ast
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,42 @@ def graded_cells(nb: nbformat.NotebookNode) -> list[Cell]:
             continue
         cells.append(Cell(number, cell.source))
     return cells
+
+
+def defined_names(source: str) -> dict[str, ast.stmt]:
+    """The names a code cell binds at its top level (def, class, assignment, import; inside
+    if/try/with/for blocks too, never inside a function or class), each with the top-level
+    statement that binds it last. {} for a cell that is not Python (a cell magic, a syntax error)."""
+    if source.lstrip().startswith("%%"):
+        return {}
+    # Shell and line magics (!pip, %time) are IPython's, not Python's: read them as `pass`.
+    python = re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE)
+    try:
+        tree = ast.parse(python)
+    except SyntaxError:
+        return {}
+    return {name: node for node in tree.body for name in statement_names(node)}
+
+
+def statement_names(node: ast.stmt) -> set[str]:
+    """The names one top-level statement binds in its module."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names if alias.name != "*"}
+    names: set[str] = set()
+    targets = {ast.Assign: lambda n: n.targets, ast.AnnAssign: lambda n: [n.target], ast.AugAssign: lambda n: [n.target],
+               ast.For: lambda n: [n.target], ast.With: lambda n: [i.optional_vars for i in n.items if i.optional_vars]}
+    for target in targets.get(type(node), lambda n: [])(node):
+        names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    for block in ("body", "orelse", "finalbody", "handlers"):
+        for child in getattr(node, block, []):
+            if isinstance(child, ast.ExceptHandler):
+                names |= {child.name} if child.name else set()
+                names |= {name for stmt in child.body for name in statement_names(stmt)}
+            else:
+                names |= statement_names(child)
+    return names
 
 
 def notebook_lab(nb: nbformat.NotebookNode) -> str | None:

@@ -20,6 +20,7 @@ from traitlets.config import Config
 
 from coursekit.config import Course, Lab
 from coursekit.notebook import HINTS_FILE, notebook_hints
+from coursekit.public import write_public
 from coursekit.results import write_atomic
 
 STUDENT_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
@@ -88,6 +89,7 @@ def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
                     raise ReleaseError(f"nbgrader could not process source/{lab.id}/{lab.notebook} "
                                        f"({converter.__name__}); its log above says why") from None
             write_hints(root, lab)
+            write_public(root, lab)
             write_examples(root, lab)
 
 

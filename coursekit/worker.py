@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -89,6 +90,38 @@ def start_ahead(spec: dict) -> StudentProcess | None:
         return None
 
 
+@contextmanager
+def student_run(course: Course, lab: Lab, nb, private: list[Path] = (), ahead: StudentProcess | None = None):
+    """The notebook `nb` in its sandboxed student process, as grading runs it: the kernel starts
+    and the cells the grader runs run in the background from here on (the first request waits
+    for them). Yields the process and the grader's end of it; both are gone afterwards."""
+    process = ahead or student_process(course, lab, list(private))
+    run = GradingSession(graded_cells(nb), process.workdir, student_environment(course.root / "data", process.workdir),
+                         lab.limits.submission_seconds, {"plan": process.plan}, lab.limits.cell_seconds,
+                         lab.limits.reference_cell_seconds, kernel=process.kernel)
+    run.start_early()
+    try:
+        yield process, run
+    finally:
+        run.close()
+        shutil.rmtree(process.workdir, ignore_errors=True)
+
+
+def run_suite(lab: Lab, run: GradingSession, device: str, suite_dir: Path, only: tuple[str, ...] = ()) -> GradingPlugin:
+    """The tests of `suite_dir` (all, or the functions in `only`) against the student process of
+    `run`, under the lab's time limits; the plugin holds their outcomes."""
+    plugin = GradingPlugin(lab, run, device, only)
+    ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
+    ini.write_text("[pytest]\n")
+    try:
+        pytest.main([str(suite_dir), "-c", str(ini), "--rootdir", str(suite_dir), "-q",
+                     "-p", "no:cacheprovider", "--assert=plain", "--import-mode=importlib"],
+                    plugins=[plugin, plugin_module])
+    finally:
+        shutil.rmtree(ini.parent, ignore_errors=True)
+    return plugin
+
+
 def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[Path] = (),
           only: tuple[str, ...] = (), ahead: StudentProcess | None = None) -> dict:
     """`private`: folders the student must not see besides the hidden suites (the
@@ -104,30 +137,15 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
         if ahead is not None:
             ahead.discard()
         return failed_results(lab, str(exc), time.monotonic() - started, extra)
-    process = ahead or student_process(course, lab, list(private))
-    workdir, plan, isolation, device = process.workdir, process.plan, process.isolation, process.device
-    session = GradingSession(graded_cells(nb), workdir, student_environment(course.root / "data", workdir),
-                             lab.limits.submission_seconds, {"plan": plan}, lab.limits.cell_seconds,
-                             lab.limits.reference_cell_seconds, kernel=process.kernel)
-    session.start_early()
-    plugin = GradingPlugin(lab, session, device, only)
-    ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
-    ini.write_text("[pytest]\n")
-    try:
-        pytest.main([str(lab.suite_dir), "-c", str(ini), "--rootdir", str(lab.suite_dir), "-q",
-                     "-p", "no:cacheprovider", "--assert=plain", "--import-mode=importlib"],
-                    plugins=[plugin, plugin_module])
-    finally:
-        session.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(ini.parent, ignore_errors=True)
-    problem = f"Grading stopped early: {session.broken}" if session.broken else ""
-    extra = {**extra, "student_user": isolation.description, "sandbox": session.sandbox,
+    with student_run(course, lab, nb, private, ahead) as (process, run):
+        plugin = run_suite(lab, run, process.device, lab.suite_dir, only)
+    problem = f"Grading stopped early: {run.broken}" if run.broken else ""
+    extra = {**extra, "student_user": process.isolation.description, "sandbox": run.sandbox,
              "environment": plugin.environment,
-             "student_process": {"folder": workdir.name, "started_ahead": ahead is not None}}
+             "student_process": {"folder": process.workdir.name, "started_ahead": ahead is not None}}
     if only:
         extra["only_tests"] = sorted(only)
-    return build_results(lab, plugin.outcomes, session.log, time.monotonic() - started, extra, problem,
+    return build_results(lab, plugin.outcomes, run.log, time.monotonic() - started, extra, problem,
                          suite_hints(lab.suite_dir))
 
 

@@ -11,7 +11,7 @@
 #    install from a wheelhouse on this machine (see fill_wheelhouse), cached under $CACHE.
 # 3. Builds `--target student` and `--target grader` of docker/Dockerfile on it.
 # 4. Checks: (a) the student image serves JupyterLab on 8888 with the release notebooks in
-#    /workspace; (b) in the grader image the hidden suites are unreadable by `nobody`, who can
+#    /workspace, and `course validate` runs there on lab 01's stub (every task reported); (b) in the grader image the hidden suites are unreadable by `nobody`, who can
 #    still run the grader's Python, and torch is the base's; (c) examples/01_attention graded
 #    in containers, by the worker directly and by `course grade --backend docker`: reference
 #    100, stub 0.
@@ -199,6 +199,17 @@ student_image_has_no_answers() {
          && ! grep -rlq "BEGIN SOLUTION" /opt/course/release'
 }
 
+# From the notebook's folder, as its last cell runs it: the stub's five tasks are reported as not
+# implemented, and lab 01's two public checks run (and fail) without the hidden suite.
+student_validates_the_stub() {
+    local out status=0
+    out=$(docker run --rm --network none -w /workspace/01_attention "$STUDENT_IMAGE" \
+        course validate attention.ipynb 2>&1) || status=$?
+    echo "$out" | tail -4 | sed 's/^/     /'
+    [ "$status" = 1 ] && [ "$(echo "$out" | grep -c 'not implemented: cell #')" = 5 ] \
+        && echo "$out" | grep -q '^Public checks (2;'
+}
+
 suite_file=/opt/course/autograder/01_attention/test_01_attention.py
 root_reads_suites() {
     docker run --rm --network none --entrypoint cat "$GRADER_IMAGE" "$suite_file" >/dev/null
@@ -291,6 +302,8 @@ echo "     torch in $BASE_IMAGE: $base_torch"
 check "(a) student image: JupyterLab answers on 8888 (GET /api)" jupyter_answers
 check "(a) student image: /workspace holds the release notebooks, byte for byte" workspace_has_release
 check "(a) student image: no hidden suites, sources or solutions" student_image_has_no_answers
+check "(a) student image: course validate reports the lab-01 stub's five tasks, public checks run" \
+    student_validates_the_stub
 docker rm -f "$STUDENT_CONTAINER" >/dev/null 2>&1 || true
 check "(a) student image: torch is the base's ($base_torch)" \
     test "$(torch_version "$STUDENT_IMAGE")" = "$base_torch"

@@ -73,6 +73,10 @@ def test_a_valid_file_gives_points_limits_and_visibility(tmp_path):
     (lambda d: d.update(extensions={"alice": {"l1": 2}}), "extensions.alice.l1: lab l1 has no due date to extend"),
     (lambda d: (d["labs"][0].update(due="2026-01-01T12:00:00Z"), d.update(extensions={"alice": {"l1": -1}})),
      "extensions.alice.l1: expected a positive number, got -1"),
+    (lambda d: d["labs"][0]["tests"]["test_b"].update(public="yes"),
+     "labs[0].tests.test_b.public: expected true or false"),
+    (lambda d: d["labs"][0]["tests"]["test_b"].update(public=True),
+     "labs[0].tests.test_b: a public test cannot have visibility 'hidden'"),
 ])
 def test_errors_name_the_key(tmp_path, edit, message):
     data = _valid()
@@ -90,6 +94,20 @@ def test_a_late_policy_and_extensions_are_read(tmp_path):
     assert (lab.late.percent_per_day, lab.late.max_percent) == (10, 100)   # no cap: up to all of the score
     assert lab.late.cutoff.isoformat() == "2026-01-08T23:59:59+00:00"     # a date alone: the end of that day
     assert lab.extensions == {"alice": 2, "1234": 0.5}                     # numeric student ids as text
+
+
+def test_a_test_marked_public_is_listed_and_leaves_submission_keys_alone(tmp_path):
+    from coursekit.keys import submission_key
+
+    data = _valid()
+    plain = load_course(_write(tmp_path, data)).lab("l1")
+    data["labs"][0]["tests"]["test_a"] = {"points": 2, "public": True}
+    lab = load_course(_write(tmp_path, data)).lab("l1")
+    assert lab.public_tests == ["test_a"] and plain.public_tests == []
+    # Who may run a test beforehand changes no grade: nothing graded before is regraded.
+    notebook = tmp_path / "l.ipynb"
+    notebook.write_text("{}")
+    assert submission_key(lab, notebook) == submission_key(plain, notebook)
 
 
 def test_resources_and_grader_image_have_defaults(tmp_path):

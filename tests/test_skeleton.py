@@ -1,7 +1,8 @@
 """Every lab's source notebook follows one skeleton: the title
 `# Lab NN — Title`, each graded piece under `## Task N: ...` (N = 1, 2, ... through the lab)
 followed directly by a code cell starting `# Self-check for Task N`, the written questions
-(manually graded answer cells) under `## Questions`, and a closing `## Wrap-up` cell."""
+(manually graded answer cells) under `## Questions`, a `## Wrap-up` cell, and last a code cell
+tagged `demo` (the grader skips it) that runs `!course validate <notebook>`."""
 from __future__ import annotations
 
 import re
@@ -22,7 +23,7 @@ def _grading(cell) -> dict:
     return cell.metadata.get("nbgrader", {})
 
 
-def skeleton_problems(nb, lab_id: str) -> list[str]:
+def skeleton_problems(nb, lab_id: str, notebook: str) -> list[str]:
     """What in `nb` departs from the skeleton (empty when it follows it)."""
     problems = []
     cells = nb.cells
@@ -30,8 +31,12 @@ def skeleton_problems(nb, lab_id: str) -> list[str]:
     if not (cells and cells[0].cell_type == "markdown"
             and re.match(rf"# Lab {number} \u2014 \S", cells[0].source)):
         problems.append(f"the first cell should be the title '# Lab {number} \u2014 Title'")
-    if not (cells[-1].cell_type == "markdown" and cells[-1].source.startswith("## Wrap-up")):
-        problems.append("the last cell should be the '## Wrap-up' cell")
+    last = cells[-1]
+    if not (last.cell_type == "code" and "demo" in last.metadata.get("tags", [])
+            and f"!course validate {notebook}" in last.source.splitlines()):
+        problems.append(f"the last cell should be a code cell tagged demo that runs '!course validate {notebook}'")
+    if not (cells[-2].cell_type == "markdown" and cells[-2].source.startswith("## Wrap-up")):
+        problems.append("the cell before the last should be the '## Wrap-up' cell")
     heading = None      # the last level-2 heading seen
     tasks_seen = []
     for i, cell in enumerate(cells):
@@ -68,16 +73,17 @@ def skeleton_problems(nb, lab_id: str) -> list[str]:
 
 @pytest.mark.parametrize("lab_id", LABS)
 def test_notebook_follows_the_skeleton(lab_id):
-    nb = nbformat.read(COURSE.lab(lab_id).notebook_in("source"), as_version=4)
-    assert skeleton_problems(nb, lab_id) == []
+    lab = COURSE.lab(lab_id)
+    assert skeleton_problems(nbformat.read(lab.notebook_in("source"), as_version=4), lab_id, lab.notebook) == []
 
 
 def test_the_skeleton_check_sees_a_departure():
-    lab_id = LABS[0]
-    nb = nbformat.read(COURSE.lab(lab_id).notebook_in("source"), as_version=4)
+    lab = COURSE.lab(LABS[0])
+    nb = nbformat.read(lab.notebook_in("source"), as_version=4)
     nb.cells[0].source = nb.cells[0].source.replace("# Lab ", "# Lab number ", 1)
-    nb.cells[-1].source = "## Summary\n"
+    nb.cells[-2].source = "## Summary\n"
+    nb.cells[-1].metadata["tags"] = []   # the grader would run `course validate` inside the grading
     checks = [i for i, c in enumerate(nb.cells) if c.source.startswith("# Self-check for Task")]
     nb.cells[checks[0]].source = "# Self-check\n" + nb.cells[checks[0]].source
-    problems = skeleton_problems(nb, lab_id)
-    assert len(problems) == 3, problems
+    problems = skeleton_problems(nb, lab.id, lab.notebook)
+    assert len(problems) == 4, problems
