@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections import Counter
 from operator import itemgetter
 from pathlib import Path
@@ -197,11 +196,3 @@ def hf_from_vocab(vocab: dict[int, bytes], merges, special_tokens=()):
     if special_tokens:
         tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special_tokens])
     return tok
-
-
-def data_dir() -> Path:
-    """The course's data folder: $COURSE_DATA_DIR, else <repo>/data next to autograder/."""
-    env = os.environ.get("COURSE_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "data"

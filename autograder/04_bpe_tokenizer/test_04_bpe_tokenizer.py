@@ -49,14 +49,14 @@ EOT = "<|endoftext|>"
 # -- helpers ----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def shakespeare() -> str:
-    return (ref.data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")
+@pytest.fixture(scope="session")
+def shakespeare(data_dir) -> str:
+    return (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=4)
-def reference_shakespeare(vocab_size: int):
-    return ref.reference_train_bpe(shakespeare(), vocab_size)
+def reference_shakespeare(text: str, vocab_size: int):
+    return ref.reference_train_bpe(text, vocab_size)
 
 
 def as_bytes_pair(pair):
@@ -307,19 +307,19 @@ def test_train_vocab_size_too_small(student, vocab_size, specials, raises):
 # -- training on Tiny Shakespeare -------------------------------------------------------------
 
 
-def test_train_tinyshakespeare_merges(student, lab_settings):
+def test_train_tinyshakespeare_merges(student, lab_settings, shakespeare):
     vocab_size = int(lab_settings["speed_vocab_size"])
-    vocab, merges = train(student, shakespeare(), vocab_size)
-    ref_vocab, ref_merges = reference_shakespeare(vocab_size)
+    vocab, merges = train(student, shakespeare, vocab_size)
+    ref_vocab, ref_merges = reference_shakespeare(shakespeare, vocab_size)
     assert_same_merges(merges, ref_merges, f"train_bpe(Tiny Shakespeare, {vocab_size})")
     assert vocab == ref_vocab, f"train_bpe(Tiny Shakespeare, {vocab_size}): the vocab differs from the reference's"
 
 
-def test_train_tinyshakespeare_speed(student, lab_settings):
+def test_train_tinyshakespeare_speed(student, lab_settings, shakespeare):
     vocab_size = int(lab_settings["speed_vocab_size"])
     factor = float(lab_settings["speed_factor"])
     floor = float(lab_settings["speed_floor_seconds"])
-    text = shakespeare()
+    text = shakespeare
     train_bpe = student.train_bpe  # looked up before the clock starts
 
     def time_reference() -> float:
@@ -336,7 +336,7 @@ def test_train_tinyshakespeare_speed(student, lab_settings):
     budget = max(factor * reference_seconds, floor)
 
     _, merges = check_train_result(result, "train_bpe")
-    _, ref_merges = reference_shakespeare(vocab_size)
+    _, ref_merges = reference_shakespeare(text, vocab_size)
     assert merges == ref_merges, (
         "the speed test only counts a correct result: your merges on Tiny Shakespeare differ from the "
         "reference's (see test_train_tinyshakespeare_merges)")
@@ -492,15 +492,15 @@ ROUNDTRIP_TEXTS = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
-def small_reference_tokenizer():
+@pytest.fixture(scope="session")
+def small_reference_tokenizer(shakespeare):
     specials = [EOT, "<|pad|>"]
-    vocab, merges = ref.reference_train_bpe(shakespeare()[:30_000] + " naïve 你好 🤗", 420, specials)
+    vocab, merges = ref.reference_train_bpe(shakespeare[:30_000] + " naïve 你好 🤗", 420, specials)
     return vocab, merges, specials
 
 
-def test_save_load_roundtrip(student):
-    vocab, merges, specials = small_reference_tokenizer()
+def test_save_load_roundtrip(student, small_reference_tokenizer):
+    vocab, merges, specials = small_reference_tokenizer
     oracle = ref.hf_from_vocab(vocab, merges, specials)
     tok = make_tokenizer(student, vocab, merges, specials)
     folder = student.lib("tempfile.mkdtemp")()
@@ -515,8 +515,8 @@ def test_save_load_roundtrip(student):
         assert loaded.decode(ids) == text, "the tokenizer read back by BPETokenizer.load decodes differently"
 
 
-def test_to_hf_matches_encode(student):
-    vocab, merges, specials = small_reference_tokenizer()
+def test_to_hf_matches_encode(student, small_reference_tokenizer):
+    vocab, merges, specials = small_reference_tokenizer
     tok = make_tokenizer(student, vocab, merges, specials)
     hf = tok.to_hf()
     assert hf.isinstance("tokenizers.Tokenizer"), (
@@ -539,10 +539,10 @@ RATIO_TEXTS = {
 }
 
 
-def library_tokenizer(student):
+def library_tokenizer(student, small_reference_tokenizer):
     """A transformers tokenizer in the student's process, independent of their BPETokenizer,
     and the same tokenizer here as the oracle."""
-    vocab, merges, specials = small_reference_tokenizer()
+    vocab, merges, specials = small_reference_tokenizer
     oracle = ref.hf_from_vocab(vocab, merges, specials)
     inner = student.lib("tokenizers.Tokenizer.from_str")(oracle.to_str())
     wrapped = student.lib("transformers.PreTrainedTokenizerFast")(tokenizer_object=inner)
@@ -550,8 +550,8 @@ def library_tokenizer(student):
 
 
 @pytest.mark.parametrize("case", list(RATIO_TEXTS) + ["empty"])
-def test_compression_ratio(student, case):
-    tokenizer, oracle = library_tokenizer(student)
+def test_compression_ratio(student, small_reference_tokenizer, case):
+    tokenizer, oracle = library_tokenizer(student, small_reference_tokenizer)
     if case == "empty":
         with pytest.raises(ValueError):
             student.compression_ratio(tokenizer, "")
@@ -567,8 +567,8 @@ def test_compression_ratio(student, case):
 
 @pytest.mark.parametrize("case,price", [("english", 2.5), ("non_ascii", 0.15), ("single_char", 60.0),
                                         ("empty", 10.0)])
-def test_estimate_token_cost(student, case, price):
-    tokenizer, oracle = library_tokenizer(student)
+def test_estimate_token_cost(student, small_reference_tokenizer, case, price):
+    tokenizer, oracle = library_tokenizer(student, small_reference_tokenizer)
     text = RATIO_TEXTS.get(case, "")
     expected = len(oracle.encode(text).ids) * price / 1e6
     cost = student.estimate_token_cost(tokenizer, text, price)

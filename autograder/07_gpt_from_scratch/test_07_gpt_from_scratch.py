@@ -47,8 +47,6 @@ Oracles, computed here in the grader's process:
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +60,6 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 transformers.logging.set_verbosity_error()
 
-DATA_DIR = Path(os.environ.get("COURSE_DATA_DIR", Path(__file__).resolve().parents[2] / "data"))
 
 CONFIGS = [  # (V, P, C, L, H)
     (50, 24, 32, 2, 4),
@@ -165,12 +162,13 @@ DTYPE_IDS = ["float64", "float32"]
 # -- tokenizer and data ------------------------------------------------------------------------------------
 
 
-def shakespeare() -> str:
-    return (DATA_DIR / "tinyshakespeare.txt").read_text(encoding="utf-8")
+@pytest.fixture(scope="session")
+def shakespeare(data_dir) -> str:
+    return (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
-def test_tokenizer_vocab_roundtrip(student):
-    text = shakespeare()
+def test_tokenizer_vocab_roundtrip(student, shakespeare):
+    text = shakespeare
     tok = student.CharTokenizer(text)
     chars = "".join(sorted(set(text)))
     assert tok.vocab_size == 65, f"Tiny Shakespeare has 65 distinct characters, your vocab_size is {tok.vocab_size}"
@@ -701,8 +699,8 @@ def test_train_loop_mechanics(student, device):
         assert_close(state[name], value, atol=1e-6, rtol=1e-4, what=f"{name} after 5 training steps")
 
 
-def test_train_end_to_end(student, device):
-    text = shakespeare()
+def test_train_end_to_end(student, device, shakespeare):
+    text = shakespeare
     stoi = {c: i for i, c in enumerate(sorted(set(text)))}   # the ids, not the student's tokenizer
     ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
     n = int(0.9 * len(ids))

@@ -31,7 +31,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -48,7 +47,6 @@ transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA_DIR = Path(os.environ.get("COURSE_DATA_DIR", ROOT / "data"))
 ORACLE = json.loads(Path(__file__).with_name("trl_oracle.json").read_text(encoding="utf-8"))
 
 F32 = dict(rtol=1e-5, atol=5e-5)        # sequence_logprobs, float32
@@ -598,18 +596,18 @@ def char_gpt_module():
 _CACHE: dict = {}
 
 
-def char_setup():
+def char_setup(data_dir):
     """The course's char GPT (as its loader builds it), its config with dropout 0.1, a seeded 1-layer
     48-dim student's config and state, and the encoded Tiny Shakespeare."""
     if not _CACHE:
         m = char_gpt_module()
-        teacher, tok = m.load_char_gpt(DATA_DIR / "char_gpt")
+        teacher, tok = m.load_char_gpt(data_dir / "char_gpt")
         teacher_cfg = dataclasses.replace(teacher.cfg, dropout=0.1)
         student_cfg = dataclasses.replace(teacher.cfg, n_layer=1, n_head=4, n_embd=48, dropout=0.0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(123)
             student_model = m.CharGPT(student_cfg)
-        text = (DATA_DIR / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        text = (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
         data = torch.tensor(tok.encode(text), dtype=torch.long)
         _CACHE.update(module=m, teacher_state=teacher.state_dict(), teacher_cfg=teacher_cfg,
                       student_cfg=student_cfg, student_state=student_model.state_dict(), data=data)
@@ -677,8 +675,8 @@ def run_student_distill(student, setup, batches, device, temperature, alpha, opt
 
 
 @pytest.mark.parametrize("temperature, alpha", [(2.0, 0.5), (4.0, 0.9)])
-def test_distill_step_matches_reference(student, device, temperature, alpha):
-    setup = char_setup()
+def test_distill_step_matches_reference(student, device, temperature, alpha, data_dir):
+    setup = char_setup(data_dir)
     batches = char_batches(setup["data"], seed=int(temperature * 10), n=2)
     expected_state, expected = reference_distill(setup, batches, device, temperature, alpha)
     model, _, losses = run_student_distill(student, setup, batches, device, temperature, alpha)
@@ -693,8 +691,8 @@ def test_distill_step_matches_reference(student, device, temperature, alpha):
                      what=f"{what}: student parameter {name!r} after two SGD steps (lr 1.0)")
 
 
-def test_distill_step_teacher_frozen(student, device):
-    setup = char_setup()
+def test_distill_step_teacher_frozen(student, device, data_dir):
+    setup = char_setup(data_dir)
     batches = char_batches(setup["data"], seed=7, n=2)
     model, teacher, _ = run_student_distill(student, setup, batches, device, 2.0, 0.5)
     assert teacher.training is False, "distill_step should put the teacher in eval mode (teacher.eval())"
@@ -707,8 +705,8 @@ def test_distill_step_teacher_frozen(student, device):
         assert_equal(got[name].cpu(), value, what=f"the teacher's parameter {name!r} after distill_step")
 
 
-def test_distill_step_lowers_loss(student, device):
-    setup = char_setup()
+def test_distill_step_lowers_loss(student, device, data_dir):
+    setup = char_setup(data_dir)
     m = setup["module"]
     batches = char_batches(setup["data"], seed=3, n=15)
     held_out = char_batches(setup["data"], seed=4, n=1, batch=32, held_out=True)[0].to(device)
