@@ -24,7 +24,7 @@ from coursekit.keys import key_of, key_parts
 from coursekit.late import Lateness, assess, read_timestamp
 from coursekit.notebook import SubmissionError, notebook_lab, read_notebook
 from coursekit.regrade import UNCHANGED, ScoreChange, keep_previous, now_stamp, why_graded
-from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, Results, failed_results, read_results,
+from coursekit.results import (GRADEBOOK_FILE, RESULTS_FILE, Results, failed_results, read_gradebook, read_results,
                                save_submission, write_gradebook)
 from coursekit.runners import Job, LocalRunner, Runner
 from coursekit.tables import text_table
@@ -315,15 +315,7 @@ def _row(sub: Submission, results: Results | None, problem: str = "") -> dict:
 
 def _merge_gradebook(out: Path, rows: list[dict]) -> list[dict]:
     """Keep the rows of students graded into the same folder by earlier runs."""
-    import csv
-
-    merged: dict[tuple[str, str], dict] = {}
-    try:
-        with open(out / GRADEBOOK_FILE, encoding="utf-8", newline="") as handle:
-            for row in csv.DictReader(handle):
-                merged[(row["student"], row["lab"])] = row
-    except (OSError, KeyError):
-        pass
+    merged = {(row["student"], row["lab"]): row for row in read_gradebook(out / GRADEBOOK_FILE)}
     for row in rows:
         merged[(row["student"], row["lab"])] = row
     return sorted(merged.values(), key=lambda r: (r["lab"], r["student"]))

@@ -12,6 +12,7 @@ from coursekit.export import ExportError
 from coursekit.late import TimestampError
 from coursekit.notebook import SubmissionError
 from coursekit.release import ReleaseError
+from coursekit.report import ReportError
 from coursekit.similarity import DEFAULT_THRESHOLD, SimilarityError
 
 
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--roster", type=Path, help="canvas: the class roster (Canvas's gradebook export)")
     export.add_argument("--to", type=Path, help="the file to write (default: OUT/canvas.csv or OUT/tests.csv)")
 
+    report = commands.add_parser("report", help="where a class struggles: one HTML page per lab, from a results folder")
+    report.add_argument("out", type=Path, help="the --out folder of `course grade`")
+    report.add_argument("--lab", help="only this lab (default: every lab graded into the folder)")
+
     similarity = commands.add_parser("similarity", help="pairs of one lab's graded notebooks that share too much code")
     similarity.add_argument("out", type=Path, help="the --out folder of `course grade`")
     similarity.add_argument("--lab", required=True, help="the lab whose submissions are compared")
@@ -85,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         course = load_course(args.course)
         commands = {"grade": _grade, "release": _release, "check": _check, "gradescope": _gradescope,
-                    "export": _export, "similarity": _similarity, "validate": _validate}
+                    "export": _export, "similarity": _similarity, "validate": _validate,
+                    "report": _report}
         return commands[args.command](course, args)
     # ConnectionError: a Ray cluster that cannot be reached. SubmissionError: a notebook
     # `course validate` cannot read.
     except (ConfigError, FileNotFoundError, ReleaseError, ConnectionError, ExportError, SimilarityError,
-            TimestampError, SubmissionError) as exc:
+            TimestampError, SubmissionError, ReportError) as exc:
         print(f"course: {exc}", file=sys.stderr)
         return 2
 
@@ -177,6 +183,17 @@ def _export(course, args) -> int:
     for warning in warnings:
         print(f"course: warning: {warning}", file=sys.stderr)
     print(f"{target}: {len({g.student for g in graded})} student(s), {len(graded)} graded submission(s)")
+    return 0
+
+
+def _report(course, args) -> int:
+    from coursekit.report import lab_reports
+    from coursekit.report_page import REPORT_FOLDER, write_lab_page
+
+    for report in lab_reports(course, args.out, args.lab, progress=True):
+        page = write_lab_page(report, args.out / REPORT_FOLDER)
+        print(f"{page}: {report.submissions} submission(s), {len(report.tests)} test(s), "
+              f"{len(report.problems)} student(s) with a problem", flush=True)
     return 0
 
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from coursekit.config import Course
 from coursekit.late import Lateness, assess
@@ -48,10 +51,11 @@ class Graded:
         return self.lateness(course).final(self.results.score)
 
 
-def graded_results(out: Path) -> list[Graded]:
-    """Every results.json under `out` (`<student>/results.json` or `<student>/<lab>/...`)."""
-    found = []
-    for path in sorted(out.rglob(RESULTS_FILE)):
+def graded_results(out: Path, progress: bool = False) -> list[Graded]:
+    """Every results.json under `out` (`<student>/results.json` or `<student>/<lab>/...`);
+    `progress`: a bar on stderr, for the folders of large classes."""
+    found, paths = [], sorted(out.rglob(RESULTS_FILE))
+    for path in tqdm(paths, desc="reading results", unit="file", disable=not (progress and paths), file=sys.stderr):
         results = read_results(path)
         if results is not None and results.lab:
             student = str(results.extra.get("student") or path.parent.relative_to(out).parts[0])

@@ -3,9 +3,14 @@ and the student's process's log (cells that raised, restarts, where the time wen
 Results are built from these; nothing here runs or imports the student's side."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from coursekit.notebook import Cell
+
+# The names a student's exception has when its process ran out of memory: Python's own (the
+# address-space cap on CPU) and torch's for a GPU.
+MEMORY_ERRORS = frozenset({"MemoryError", "OutOfMemoryError"})
 
 
 @dataclass
@@ -36,3 +41,6 @@ class SessionLog:
     notebook_seconds: float = 0.0   # running the notebook's cells, every (re)start
     wait_seconds: float = 0.0       # what tests spent waiting for the kernel to be ready
     slowest_cell_seconds: float = 0.0   # the slowest cell of the notebook's first run
+    # Each limit that stopped the student's code, by course.yaml's name for it (test_seconds,
+    # cell_seconds, submission_seconds) or "memory", and how many times: for the instructor.
+    limits_fired: Counter = field(default_factory=Counter)

@@ -11,7 +11,7 @@ import pytest
 from coursekit import wire
 from coursekit.config import Lab
 from coursekit.errors import MissingName, StudentCrashed, StudentError, StudentTimeout
-from coursekit.outcomes import CaseOutcome
+from coursekit.outcomes import MEMORY_ERRORS, CaseOutcome
 from coursekit.proxy import Student
 from coursekit.runtime import full_float32
 from coursekit.session import GradingSession
@@ -48,6 +48,7 @@ class GradingPlugin:
         # A case's time is its own: not the kernel's start or the notebook's run it waited for.
         self._started[item.nodeid] = time.monotonic() + self.session.log.wait_seconds
         if time.monotonic() >= self.session.submission_deadline:
+            self.session.log.limits_fired["submission_seconds"] += 1
             pytest.fail("not run: the submission's total time limit had already run out", pytrace=False)
 
     @pytest.hookimpl(hookwrapper=True)
@@ -74,6 +75,8 @@ class GradingPlugin:
                 message = "not run: " + _skip_reason(report)
             elif report.failed:
                 message = student_message(call.excinfo)
+                if _out_of_memory(call.excinfo):
+                    self.session.log.limits_fired["memory"] += 1
             else:
                 message = ""
             case = item.callspec.id if hasattr(item, "callspec") else ""
@@ -131,6 +134,10 @@ def grader_environment(device: str) -> dict:
 
 def _function_name(item: pytest.Item) -> str:
     return getattr(item, "originalname", None) or item.name
+
+
+def _out_of_memory(excinfo: pytest.ExceptionInfo | None) -> bool:
+    return excinfo is not None and isinstance(excinfo.value, StudentError) and excinfo.value.type_name in MEMORY_ERRORS
 
 
 def _skip_reason(report) -> str:

@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +19,20 @@ from coursekit.outcomes import CaseOutcome, SessionLog
 RESULTS_FILE = "results.json"
 FEEDBACK_FILE = "feedback.html"
 GRADEBOOK_FILE = "grades.csv"
+# How score_tests writes a test's output, which TestResult reads back for the instructor's report.
+NOT_RUN = "This test did not run."
+HINT = "Hint: "
+_CASES_PASSED = re.compile(r"\d+/\d+ cases passed")
+_CASE = re.compile(r"\[(.+?)\] ")
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Text (UTF-8) or bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -44,6 +52,32 @@ class TestResult:
     output: str            # what failed and why, in the student's words, and the hint
     visibility: str
     seconds: float = 0.0
+
+    @property
+    def ran(self) -> bool:
+        """False where no case ran: a test left out with --only, or a submission that could not be graded."""
+        return not self.output.startswith(NOT_RUN)
+
+    def failed_cases(self) -> list[tuple[str, str]]:
+        """Each failed case's (case id, message), read back from the output score_tests wrote
+        ("[case] message" lines after the "k/n cases passed" line, the hint last); a message's
+        further lines (the student's traceback) stay with it. Case id "" where the test has none."""
+        if self.status == "passed" or not self.ran:
+            return []
+        lines = self.output.splitlines()
+        if lines and _CASES_PASSED.fullmatch(lines[0]):
+            lines = lines[1:]
+        hint = next((i for i in reversed(range(len(lines))) if lines[i].startswith(HINT)), len(lines))
+        cases: list[list[str]] = []
+        for line in lines[:hint]:
+            match = _CASE.match(line)
+            if match:
+                cases.append([match.group(1), line[match.end():]])
+            elif cases:
+                cases[-1][1] += "\n" + line
+            else:
+                cases.append(["", line])
+        return [(case, message) for case, message in cases]
 
     def to_json(self) -> dict:
         return {"name": self.name, "extra_data": {"seconds": self.seconds}, "score": self.score,
@@ -115,12 +149,12 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | N
         score = spec.points * passed / len(cases) if cases else 0.0
         failures = [f"[{o.case}] {o.message}" if o.case else o.message for o in cases if not o.passed]
         if not cases:
-            failures = ["This test did not run."]
+            failures = [NOT_RUN]
         output = f"{passed}/{len(cases)} cases passed" if len(cases) > 1 else ""
         if failures:
             output = "\n".join([output, *failures]).strip()
             if (hints or {}).get(name):
-                output += f"\nHint: {hints[name]}"
+                output += f"\n{HINT}{hints[name]}"
         tests.append(TestResult(name, round(score, 4), spec.points,
                                 "passed" if cases and passed == len(cases) else "failed", output, spec.visibility,
                                 round(sum(o.seconds for o in cases), 3)))
@@ -136,11 +170,15 @@ def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None,
         if log.restarts:
             lines.append(f"Your notebook's process was restarted {log.restarts} time(s) after it hung or crashed.")
     timing = {"total": round(seconds, 2)}
+    extra = dict(extra)
     if log is not None:
         # Case seconds exclude the waits for the kernel's start and the notebook's run (the plugin).
         timing.update(startup=round(log.startup_seconds, 2), notebook=round(log.notebook_seconds, 2),
                       tests=round(sum(o.seconds for o in outcomes), 2), slowest_cell=round(log.slowest_cell_seconds, 2))
-    extra = dict(extra)
+        # The same facts as the output's text, structured for the instructor's report (coursekit.report).
+        extra["cell_errors"] = [{"cell": e.cell.number, "first_line": e.cell.first_line, "error": e.name}
+                                for e in log.cell_errors]
+        extra["limits_fired"] = dict(sorted((log.limits_fired + Counter(restarts=log.restarts)).items()))
     key = str(extra.pop("key", ""))
     extra["unscored_tests"] = sorted({o.function for o in outcomes} - set(lab.tests))
     return Results(lab=lab.id, score=round(sum(t.score for t in tests), 4), max_score=lab.max_score, tests=tests,
@@ -155,6 +193,16 @@ def failed_results(lab: Lab, message: str, seconds: float, extra: dict) -> Resul
 
 GRADEBOOK_COLUMNS = ["student", "lab", "score", "late_penalty", "final_score", "max_score", "percent", "submitted",
                      "days_late", "problem"]
+
+
+def read_gradebook(path: Path) -> list[dict[str, str]]:
+    """grades.csv's rows; none where there is no such file or it is not one."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [row for row in rows if {"student", "lab"} <= row.keys()]
 
 
 def write_gradebook(path: Path, rows: list[dict]) -> None:

@@ -23,7 +23,7 @@ from coursekit.channel import ChannelClosed, ChannelTimeout, GraderChannel
 from coursekit.errors import StudentCrashed, StudentTimeout
 from coursekit.kernel import Execution, KernelDied, KernelTimeout, StudentKernel
 from coursekit.notebook import Cell
-from coursekit.outcomes import CellError, SessionLog
+from coursekit.outcomes import MEMORY_ERRORS, CellError, SessionLog
 from coursekit.sandbox import describe
 
 MAX_RESTARTS = 3
@@ -174,6 +174,7 @@ class GradingSession:
                 continue
             budget = self.submission_deadline - time.monotonic()
             if budget <= 0:
+                self.log.limits_fired["submission_seconds"] += 1
                 self.broken = "the submission's time limit ran out while its cells were running"
                 raise StudentCrashed(self.broken)
             began = time.monotonic()
@@ -186,6 +187,7 @@ class GradingSession:
                     # Interrupted at the cell's own limit and the kernel is still sound:
                     # the rest of the notebook can still be graded.
                     self.skipped.add(cell.number)
+                    self.log.limits_fired["cell_seconds"] += 1
                     needs = (f" (the reference solution's slowest graded cell takes "
                              f"{self.reference_cell_seconds:.1f} s)" if self.reference_cell_seconds else "")
                     self.log.cell_errors.append(CellError(
@@ -193,6 +195,7 @@ class GradingSession:
                         f"{needs} and was stopped; make sure no cell loops forever or trains for long "
                         "(tag such a cell 'training')", ""))
                     continue
+                self.log.limits_fired["submission_seconds"] += 1
                 self.broken = (f"cell #{cell.number} ({cell.first_line!r}) was still running when the "
                                 "submission's time limit ran out; make sure no cell loops forever")
                 raise StudentCrashed(self.broken) from None
@@ -207,6 +210,8 @@ class GradingSession:
 
     def _record(self, cell: Cell, result: Execution) -> None:
         if result.status == "error":
+            if result.error_name in MEMORY_ERRORS:
+                self.log.limits_fired["memory"] += 1
             self.log.cell_errors.append(
                 CellError(cell, result.error_name, result.error_value[:2000],
                           self.annotate(result.traceback)[-6000:]))
@@ -235,7 +240,7 @@ class GradingSession:
         payload = wire.dumps({"op": op, **fields}, handle_record).encode("utf-8")
         timeout = self.remaining()
         if timeout <= 0:
-            raise StudentTimeout(self._timeout_message())
+            raise self._timed_out()
         self._request_id += 1
         deadline = time.monotonic() + timeout
         try:
@@ -243,7 +248,7 @@ class GradingSession:
             reply = self._reply_to(self._request_id, deadline)
         except ChannelTimeout:
             self._recover(self._request_id)
-            raise StudentTimeout(self._timeout_message()) from None
+            raise self._timed_out() from None
         except ChannelClosed:
             self._lose_kernel()
             raise StudentCrashed("your code ended the notebook's process (sys.exit, os._exit, a crash, "
@@ -278,13 +283,16 @@ class GradingSession:
         if self.kernel is not None:
             self.kernel.shutdown()
 
-    def _timeout_message(self) -> str:
+    def _timed_out(self) -> StudentTimeout:
+        """The error for a request past its deadline, counted against the limit that set it."""
         if time.monotonic() >= self.submission_deadline:
-            return "the submission's total time limit ran out"
+            self.log.limits_fired["submission_seconds"] += 1
+            return StudentTimeout("the submission's total time limit ran out")
+        self.log.limits_fired["test_seconds"] += 1
         limit, reference = self.test_limit or (None, None)
         which = f"this test's time limit of {limit:g} s" if limit else "this test's time limit"
         needs = f" (the reference solution needs about {reference:.1f} s)" if reference else ""
-        return f"your code did not finish within {which}{needs}: an infinite loop, or far too slow"
+        return StudentTimeout(f"your code did not finish within {which}{needs}: an infinite loop, or far too slow")
 
     def annotate(self, traceback_text: str) -> str:
         """Name notebook cells in a traceback: IPython prints ``In[7]``, a student

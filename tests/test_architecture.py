@@ -11,9 +11,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "coursekit"
 BATCH_SIDE = ["cli", "batch", "runners", "archive", "gradebook", "gradescope", "results", "check", "release", "export",
               "feedback", "keys", "config", "similarity", "similarity_report", "late", "regrade", "tables",
-              "public"]
+              "public", "report", "report_page"]
 # What batch-side modules import only inside the functions that need it (loaded here too).
-BATCH_SIDE_LAZY = ["copydetect"]
+BATCH_SIDE_LAZY = ["copydetect", "matplotlib.figure", "matplotlib.backends.backend_agg"]
 
 
 def imports_of(path: Path) -> set[str]:

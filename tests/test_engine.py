@@ -85,6 +85,14 @@ def test_broken_cell_is_recorded_and_training_cells_are_skipped(graded_toy):
     assert results["extra_data"]["problem"] == ""
 
 
+def test_limits_that_fired_and_cells_that_raised_are_recorded_for_the_instructor(graded_toy):
+    extra = graded_toy[1]["extra_data"]
+    # The hang (its test's limit), the crash (a restart) and the hog (out of memory), as `course report` reads them.
+    assert extra["limits_fired"] == {"memory": 1, "restarts": 1, "test_seconds": 1}
+    assert extra["cell_errors"] == [{"cell": 6, "first_line": "raise RuntimeError('this cell is broken')",
+                                     "error": "RuntimeError"}]
+
+
 def test_memory_is_capped(graded_toy):
     _, results, _ = graded_toy
     hog = _test(results, "test_memory_hog")
