@@ -31,6 +31,7 @@ from coursekit.notebook import HINTS_FILE
 from coursekit.public import copied_tests
 from coursekit.release import EXAMPLES, OUTPUT_FOLDERS, generate
 from coursekit.results import RESULTS_FILE, Results, read_results, write_atomic
+from coursekit.tasks import TASKS_FILE
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # Lines this short ("return x", "pass") appear in any notebook; they prove no leak.
@@ -65,12 +66,13 @@ def check_up_to_date(course: Course, lab: Lab) -> list[str]:
         scratch = Path(tmp)
         shutil.copytree(course.root / "source" / lab.id, scratch / "source" / lab.id)
         generate(course, [lab], root=scratch)
-        fresh_hints, hints = scratch / "autograder" / lab.id / HINTS_FILE, lab.suite_dir / HINTS_FILE
-        if not hints.exists() or hints.read_bytes() != fresh_hints.read_bytes():
-            problems = [f"{lab.id}: {hints.relative_to(course.root)} is not the source notebook's hints; "
-                        f"run `course release {lab.id}`"]
-        else:
-            problems = []
+        problems = []
+        for name, what in ((HINTS_FILE, "the source notebook's hints"),
+                           (TASKS_FILE, "the tasks of the source notebook and its suite")):
+            fresh, recorded = scratch / "autograder" / lab.id / name, lab.suite_dir / name
+            if not recorded.exists() or recorded.read_bytes() != fresh.read_bytes():
+                problems.append(f"{lab.id}: {recorded.relative_to(course.root)} is not {what}; "
+                                f"run `course release {lab.id}`")
         if _files(scratch / "public" / lab.id) != _files(lab.public_dir):
             problems.append(f"{lab.id}: public/{lab.id}/ is not what `course release {lab.id}` makes of the suite, "
                             "course.yaml and source/; run it")

@@ -22,6 +22,7 @@ from coursekit.config import Course, Lab
 from coursekit.notebook import HINTS_FILE, notebook_hints
 from coursekit.public import write_public
 from coursekit.results import write_atomic
+from coursekit.tasks import TASKS_FILE, TaskMapError, task_map, tasks_json
 
 STUDENT_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 OUTPUT_FOLDERS = ("release", "solutions")
@@ -90,6 +91,7 @@ def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
                                        f"({converter.__name__}); its log above says why") from None
             write_hints(root, lab)
             write_public(root, lab)
+            write_tasks(root, lab)
             write_examples(root, lab)
 
 
@@ -109,3 +111,13 @@ def write_hints(root: Path, lab: Lab) -> None:
     """The source notebook's hints, beside the suite: every backend ships the suite."""
     hints = notebook_hints(root / "source" / lab.id / lab.notebook)
     write_atomic(root / "autograder" / lab.id / HINTS_FILE, json.dumps(hints, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_tasks(root: Path, lab: Lab) -> None:
+    """Which hidden tests grade which task of the notebook, for the student's feedback
+    (coursekit.tasks): from this root's source notebook and the course's suite."""
+    try:
+        tasks = task_map(root / "source" / lab.id / lab.notebook, lab.suite_dir)
+    except TaskMapError as exc:
+        raise ReleaseError(f"{exc}: fix it, then run `course release {lab.id}` again") from None
+    write_atomic(root / "autograder" / lab.id / TASKS_FILE, tasks_json(tasks))
