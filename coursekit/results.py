@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coursekit.config import Lab
+from coursekit.feedback import with_hint
+from coursekit.feedback_page import render as render_feedback
 from coursekit.outcomes import CaseOutcome, SessionLog
+from coursekit.tasks import suite_tasks
 
 RESULTS_FILE = "results.json"
 FEEDBACK_FILE = "feedback.html"
@@ -91,9 +94,8 @@ class Results:
 
 def save_submission(folder: Path, lab: Lab, results: Results) -> None:
     """results.json, then the student's feedback.html made from it."""
-    from coursekit.feedback import render
-
-    write_atomic(folder / FEEDBACK_FILE, render(results, f"{lab.title}: your results", lab.due))
+    page = render_feedback(results, f"{lab.title}: your results", suite_tasks(lab.suite_dir), lab.due)
+    write_atomic(folder / FEEDBACK_FILE, page)
     write_atomic(folder / RESULTS_FILE, json.dumps(results.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
@@ -113,18 +115,32 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | N
         cases = [o for o in outcomes if o.function == name]
         passed = sum(o.passed for o in cases)
         score = spec.points * passed / len(cases) if cases else 0.0
-        failures = [f"[{o.case}] {o.message}" if o.case else o.message for o in cases if not o.passed]
-        if not cases:
-            failures = ["This test did not run."]
+        failures = failed_cases([o for o in cases if not o.passed]) if cases else ["This test did not run."]
         output = f"{passed}/{len(cases)} cases passed" if len(cases) > 1 else ""
         if failures:
             output = "\n".join([output, *failures]).strip()
             if (hints or {}).get(name):
-                output += f"\nHint: {hints[name]}"
+                output = with_hint(output, hints[name])
         tests.append(TestResult(name, round(score, 4), spec.points,
                                 "passed" if cases and passed == len(cases) else "failed", output, spec.visibility,
                                 round(sum(o.seconds for o in cases), 3)))
     return tests
+
+
+def failed_cases(failed: list[CaseOutcome]) -> list[str]:
+    """One line per way of failing: cases that failed with the same message (a function
+    left unwritten fails every case alike) share one line, prefixed by their ids."""
+    by_message: dict[str, list[str]] = {}
+    for outcome in failed:
+        by_message.setdefault(outcome.message, []).append(outcome.case)
+    lines = []
+    for message, ids in by_message.items():
+        ids = [i for i in ids if i]
+        if len(ids) > 1:
+            lines.append(f"[{len(ids)} cases: {'; '.join(ids)}] {message}")
+        else:
+            lines += [f"[{i}] {message}" for i in ids] or [message]
+    return lines
 
 
 def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None, seconds: float,
@@ -143,6 +159,8 @@ def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None,
     extra = dict(extra)
     key = str(extra.pop("key", ""))
     extra["unscored_tests"] = sorted({o.function for o in outcomes} - set(lab.tests))
+    if log is not None:
+        extra.update(cell_errors=[e.to_json() for e in log.cell_errors], restarts=log.restarts)
     return Results(lab=lab.id, score=round(sum(t.score for t in tests), 4), max_score=lab.max_score, tests=tests,
                    problem=problem, output="\n\n".join(lines), execution_time=round(seconds, 2), timings=timing,
                    key=key, extra=extra)
