@@ -18,7 +18,7 @@ class CaseOutcome:
     seconds: float
 
 
-# A frame of IPython's traceback in a notebook cell, as the session annotates it
+# A frame of IPython's traceback in a notebook cell, as the grader annotates it
 # ("Cell In[7] (cell #17), line 10"), and the line it marks ("---> 10 raise ...").
 _CELL_FRAME = re.compile(r"^[ \t]*Cell In\s*\[\d+\] \(cell #(\d+)\), line (\d+)", re.MULTILINE)
 _MARKED_LINE = re.compile(r"^-+>\s*\d+\s?(.*)$", re.MULTILINE)

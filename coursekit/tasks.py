@@ -3,7 +3,7 @@
 A task is a markdown heading "Task N: ..." in the source notebook; its names are the
 functions, classes and variables its solution cells (up to the next task) define. A
 test belongs to the task whose names it reaches as ``student.NAME``, directly or
-through the suite's helpers and fixtures; a test reaching several tasks belongs to the
+through the suite's own functions and fixtures; a test reaching several tasks belongs to the
 latest of them, since later tasks build on earlier ones (a test of generation calls
 the model of an earlier task). A test reaching none is listed under "Other".
 
@@ -67,7 +67,7 @@ def _defined_names(tree: ast.Module) -> set[str]:
 
 def suite_student_names(suite_dir: Path) -> dict[str, set[str]]:
     """Per test function of the suite, the student names it reaches (``student.NAME``),
-    through the module's helpers and fixtures too."""
+    through the module's other functions and fixtures too."""
     reached: dict[str, set[str]] = {}
     for path in sorted(suite_dir.glob("test_*.py")):
         try:

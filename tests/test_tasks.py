@@ -27,7 +27,7 @@ def trained(student):
 def test_double(student):
     assert student.double(2) == 4
 
-def test_model_through_a_helper(student):
+def test_model_through_a_function(student):
     assert make_model(student, 3)
 
 def test_training_through_a_fixture(trained):
@@ -48,7 +48,7 @@ def _notebook(path: Path) -> Path:
         cell = nbformat.v4.new_code_cell(source)
         cell.metadata["nbgrader"] = {"solution": True, "grade": False, "grade_id": source.split()[1]}
         return cell
-    nb.cells = [nbformat.v4.new_code_cell("import torch\nhelper = 1"),
+    nb.cells = [nbformat.v4.new_code_cell("import torch\nshared = 1"),
                 nbformat.v4.new_markdown_cell("## Task 1: `double(x)`"), solution("def double(x):\n    return 2 * x"),
                 nbformat.v4.new_code_cell("assert double(1) == 2  # a self-check defines nothing graded\ny = 3"),
                 nbformat.v4.new_markdown_cell("Some prose.\n\n### Task 2. The model"), solution("class Model:\n    pass"),
@@ -63,7 +63,7 @@ def test_each_test_goes_to_the_task_whose_names_it_reaches(tmp_path):
     assert [(t.number, t.title, t.names) for t in tasks] == [
         (1, "`double(x)`", {"double"}), (2, "The model", {"Model"}), (3, "training", {"train"})]
     by_test = {test: task.number for task in tasks for test in task.tests}
-    assert by_test == {"test_double": 1, "test_model_through_a_helper": 2, "test_model_uses_double": 2,
+    assert by_test == {"test_double": 1, "test_model_through_a_function": 2, "test_model_uses_double": 2,
                        "test_training_through_a_fixture": 3}   # test_library_only reaches no task: "Other"
 
 
