@@ -133,6 +133,17 @@ def test_the_page_stands_alone_and_fits_a_phone():
     assert not re.search(r"<script|<link|@import|url\(|src=['\"]|https?://", _visible_text(page))
 
 
+def test_late_work_says_when_and_shows_the_score_after_the_penalty():
+    late = {"submitted": "2026-11-24T10:00:00+00:00", "due": "2026-11-22T12:00:00+00:00", "days_late": 2,
+            "penalty_percent": 20, "past_cutoff": False}
+    page = render(_results("visible", late=late), "Lab", TASKS, now=NOW)
+    header = page[page.index("id='score'"):page.index("id='tasks'")]
+    assert "2 day(s) after the due date (2026-11-22 12:00 UTC): a late penalty of 20% of your score" in header
+    assert "After the late penalty: <b>0.8 / 3</b> points." in header
+    on_time = render(_results("visible", late={**late, "days_late": 0, "penalty_percent": 0}), "Lab", TASKS, now=NOW)
+    assert "After the late penalty" not in on_time
+
+
 def test_cases_failing_alike_share_one_line():
     lines = failed_cases([CaseOutcome("t", f"n={n}", False, "raised NotImplementedError", 0) for n in (1, 2, 3)]
                          + [CaseOutcome("t", "n=4", False, "off by one", 0)])

@@ -87,5 +87,6 @@ def test_a_suite_change_makes_the_record_stale(tmp_path):
     copy = type(lab)(**{**lab.__dict__, "root": tmp_path})
     course = type(COURSE)(**{**COURSE.__dict__, "root": tmp_path, "labs": {lab.id: copy}})
     problems = check_recorded(course, copy)
-    assert problems == [f"{lab.id}: autograder/{lab.id}/{TASKS_FILE} is not the tasks of the source notebook "
-                        f"and its suite; run `course release {lab.id}`"]
+    stale = (f"{lab.id}: autograder/{lab.id}/{TASKS_FILE} is not the tasks of the source notebook and its suite; "
+             f"run `course release {lab.id}`")
+    assert problems == [stale]
