@@ -120,10 +120,10 @@ def gather(results: Results, title: str, tasks: list[Task], due: dt.datetime | N
     now = now or dt.datetime.now(dt.timezone.utc)
     visible = [t for t in results.tests if shown(t.visibility, due, now, published)]
     only = set(results.extra.get("only_tests") or ())
-    task_of = {name: f"Task {task.number}: {task.title}" for task in tasks for name in task.tests}
+    task_of = {name: task.heading for task in tasks for name in task.tests}
     other = "Other" if tasks else "Tests"
     lines = [_test_line(t, task_of.get(t.name, other), bool(only) and t.name not in only) for t in visible]
-    groups = [f"Task {task.number}: {task.title}" for task in tasks] + [other]
+    groups = [task.heading for task in tasks] + [other]
     task_lines = [TaskLine(group, [t for t in lines if t.task == group]) for group in groups]
     extra = results.extra
     score, lateness = sum(t.score for t in visible), Lateness.from_json(extra.get("late"))

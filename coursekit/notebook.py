@@ -113,6 +113,14 @@ def statement_names(node: ast.stmt) -> set[str]:
     return names
 
 
+def task_heading(line: str) -> tuple[str, str] | None:
+    """("Task 3", its title) for a line of markdown that heads a task ("## Task 3: title")."""
+    if not line.startswith("## Task "):
+        return None
+    label, _, title = line[3:].partition(":")
+    return label.strip(), title.strip()
+
+
 def notebook_lab(nb: nbformat.NotebookNode) -> str | None:
     lab = nb.get("metadata", {}).get("course", {}).get("lab")
     return lab if isinstance(lab, str) else None

@@ -19,10 +19,10 @@ from pathlib import Path
 from traitlets.config import Config
 
 from coursekit.config import Course, Lab
-from coursekit.notebook import HINTS_FILE, notebook_hints
-from coursekit.public import write_public
+from coursekit.notebook import HINTS_FILE, notebook_hints, read_notebook
+from coursekit.public import graded_names, reached_names_by_test, write_public
 from coursekit.results import write_atomic
-from coursekit.tasks import TASKS_FILE, TaskMapError, task_map, tasks_json
+from coursekit.tasks import TASKS_FILE, assign_tests, notebook_tasks, tasks_json
 
 STUDENT_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 OUTPUT_FOLDERS = ("release", "solutions")
@@ -116,8 +116,7 @@ def write_hints(root: Path, lab: Lab) -> None:
 def write_tasks(root: Path, lab: Lab) -> None:
     """Which hidden tests grade which task of the notebook, for the student's feedback
     (coursekit.tasks): from this root's source notebook and the course's suite."""
-    try:
-        tasks = task_map(root / "source" / lab.id / lab.notebook, lab.suite_dir)
-    except TaskMapError as exc:
-        raise ReleaseError(f"{exc}: fix it, then run `course release {lab.id}` again") from None
+    notebook = root / "source" / lab.id / lab.notebook
+    task_of_name = {n["name"]: n["task"] for n in graded_names(lab, notebook)}
+    tasks = assign_tests(notebook_tasks(read_notebook(notebook)), task_of_name, reached_names_by_test(lab))
     write_atomic(root / "autograder" / lab.id / TASKS_FILE, tasks_json(tasks))

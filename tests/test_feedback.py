@@ -11,7 +11,7 @@ from coursekit.results import Results, TestResult, failed_cases
 from coursekit.tasks import Task
 
 NOW = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
-TASKS = [Task(1, "`double(x)`", tests=["test_one"]), Task(2, "the `<model>`", tests=["test_two"])]
+TASKS = [Task("Task 1", "`double(x)`", ["test_one"]), Task("Task 2", "the `<model>`", ["test_two"])]
 
 # What IPython prints for a cell that calls a function of an earlier cell, as the grader
 # annotates it with the cells' positions.

@@ -38,8 +38,13 @@ def test_student_opens_runs_plots_and_saves_lab_01(tmp_path):
     assert not [o for c in ran for o in c.outputs if o.output_type == "error"]
     plot = saved.cells[first_task]
     assert "plt.bar(" in plot.source and any("image/png" in o.get("data", {}) for o in plot.outputs)
+    assert not [o for o in plot.outputs if o.output_type == "error"]
     # The rest is the release's, untouched (nbgrader's metadata included), and not run.
     assert [c.source for c in saved.cells[first_task + 1:]] == [c.source for c in released.cells[first_task:]]
     assert [c.metadata.get("nbgrader") for c in saved.cells[first_task + 1:]] == \
            [c.metadata.get("nbgrader") for c in released.cells[first_task:]]
-    assert "validated:" in flow.stdout or "validation skipped:" in flow.stdout
+    # `course validate` read it as lab 01's, found the tasks still stubs, and nothing else wrong
+    # with the cells before Task 1 or the student's own (it names a cell that raises by its first line).
+    assert "validated: `course validate` exited with status 1" in flow.stdout
+    assert "lab 01_attention" in flow.stdout and "scaled_dot_product_attention (Task 1): not implemented" in flow.stdout
+    assert plot.source.splitlines()[0] not in flow.stdout.split("validated:")[0]
