@@ -29,8 +29,9 @@ from coursekit.batch import Submission, grade_batch
 from coursekit.config import TIMINGS_FILE, Course, Lab, derived_limit
 from coursekit.notebook import HINTS_FILE
 from coursekit.public import copied_tests
-from coursekit.release import EXAMPLES, OUTPUT_FOLDERS, generate
+from coursekit.release import EXAMPLES, OUTPUT_FOLDERS, generate, write_hints, write_tasks
 from coursekit.results import RESULTS_FILE, Results, read_results, write_atomic
+from coursekit.tasks import TASKS_FILE
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 # Lines this short ("return x", "pass") appear in any notebook; they prove no leak.
@@ -60,17 +61,33 @@ def _normalised(path: Path) -> str:
     return json.dumps(nbformat.read(path, as_version=4), sort_keys=True)
 
 
+# What `course release` records beside each suite: the file, how it is made, what it holds.
+RECORDED = ((HINTS_FILE, write_hints, "the source notebook's hints"),
+            (TASKS_FILE, write_tasks, "the tasks of the source notebook and its suite"))
+
+
+def check_recorded(course: Course, lab: Lab) -> list[str]:
+    """The files beside the suite are what `course release` would record today (no nbgrader
+    needed: they come from the source notebook and the suite alone)."""
+    with tempfile.TemporaryDirectory(prefix="course-check-") as tmp:
+        scratch = Path(tmp)
+        shutil.copytree(course.root / "source" / lab.id, scratch / "source" / lab.id)
+        problems = []
+        for name, write, what in RECORDED:
+            write(scratch, lab)
+            fresh, recorded = scratch / "autograder" / lab.id / name, lab.suite_dir / name
+            if not recorded.exists() or recorded.read_bytes() != fresh.read_bytes():
+                problems.append(f"{lab.id}: {recorded.relative_to(course.root)} is not {what}; "
+                                f"run `course release {lab.id}`")
+        return problems
+
+
 def check_up_to_date(course: Course, lab: Lab) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="course-check-") as tmp:
         scratch = Path(tmp)
         shutil.copytree(course.root / "source" / lab.id, scratch / "source" / lab.id)
         generate(course, [lab], root=scratch)
-        fresh_hints, hints = scratch / "autograder" / lab.id / HINTS_FILE, lab.suite_dir / HINTS_FILE
-        if not hints.exists() or hints.read_bytes() != fresh_hints.read_bytes():
-            problems = [f"{lab.id}: {hints.relative_to(course.root)} is not the source notebook's hints; "
-                        f"run `course release {lab.id}`"]
-        else:
-            problems = []
+        problems = []
         if _files(scratch / "public" / lab.id) != _files(lab.public_dir):
             problems.append(f"{lab.id}: public/{lab.id}/ is not what `course release {lab.id}` makes of the suite, "
                             "course.yaml and source/; run it")
@@ -217,8 +234,8 @@ def record_timings(lab: Lab, results: Results | None) -> str:
 def run_checks(course: Course, labs: list[Lab], workers: int = 1, report=print) -> list[str]:
     problems: list[str] = []
     for lab in labs:
-        for step in (check_points, lambda lab: check_up_to_date(course, lab), lambda lab: check_leaks(course, lab),
-                     lambda lab: check_provided(course, lab)):
+        for step in (check_points, lambda lab: check_up_to_date(course, lab), lambda lab: check_recorded(course, lab),
+                     lambda lab: check_leaks(course, lab), lambda lab: check_provided(course, lab)):
             problems += step(lab)
     report(f"static checks done ({len(problems)} problem(s)); grading source and release notebooks...")
     problems += check_grades(course, labs, workers, report)

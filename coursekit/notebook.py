@@ -61,17 +61,20 @@ def read_notebook(path: Path) -> nbformat.NotebookNode:
     return nb
 
 
+def _code_cells(nb: nbformat.NotebookNode) -> list[tuple[Cell, set[str]]]:
+    """Each code cell with its position in the notebook and the skipping tags it carries."""
+    return [(Cell(number, cell.source), set(cell.get("metadata", {}).get("tags", [])) & SKIPPED_TAGS)
+            for number, cell in enumerate(nb.cells, start=1) if cell.cell_type == "code"]
+
+
 def graded_cells(nb: nbformat.NotebookNode) -> list[Cell]:
-    """The code cells the grader runs, in order, with their position in the notebook."""
-    cells = []
-    for number, cell in enumerate(nb.cells, start=1):
-        if cell.cell_type != "code":
-            continue
-        tags = set(cell.get("metadata", {}).get("tags", []))
-        if tags & SKIPPED_TAGS:
-            continue
-        cells.append(Cell(number, cell.source))
-    return cells
+    """The code cells the grader runs, in order."""
+    return [cell for cell, skipping in _code_cells(nb) if not skipping]
+
+
+def skipped_cells(nb: nbformat.NotebookNode) -> list[dict]:
+    """The code cells the grader does not run, for the student's feedback: numbers and tags."""
+    return [{"cell": cell.number, "tags": sorted(skipping)} for cell, skipping in _code_cells(nb) if skipping]
 
 
 def defined_names(source: str) -> dict[str, ast.stmt]:
@@ -108,6 +111,14 @@ def statement_names(node: ast.stmt) -> set[str]:
             else:
                 names |= statement_names(child)
     return names
+
+
+def task_heading(line: str) -> tuple[str, str] | None:
+    """("Task 3", its title) for a line of markdown that heads a task ("## Task 3: title")."""
+    if not line.startswith("## Task "):
+        return None
+    label, _, title = line[3:].partition(":")
+    return label.strip(), title.strip()
 
 
 def notebook_lab(nb: nbformat.NotebookNode) -> str | None:

@@ -3,6 +3,7 @@ and the student's process's log (cells that raised, restarts, where the time wen
 Results are built from these; nothing here runs or imports the student's side."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -22,6 +23,12 @@ class CaseOutcome:
     seconds: float
 
 
+# A frame of IPython's traceback in a notebook cell, as the grader annotates it
+# ("Cell In[7] (cell #17), line 10"), and the line it marks ("---> 10 raise ...").
+_CELL_FRAME = re.compile(r"^[ \t]*Cell In\s*\[\d+\] \(cell #(\d+)\), line (\d+)", re.MULTILINE)
+_MARKED_LINE = re.compile(r"^-+>\s*\d+\s?(.*)$", re.MULTILINE)
+
+
 @dataclass
 class CellError:
     cell: Cell
@@ -31,6 +38,29 @@ class CellError:
 
     def describe(self) -> str:
         return f"cell #{self.cell.number} ({self.cell.first_line!r}) raised {self.name}: {self.value}"
+
+    def student_line(self) -> dict:
+        """Where in the student's own code it raised: the innermost frame in a notebook
+        cell (which may be another cell, where a function was defined) and its line."""
+        frames = list(_CELL_FRAME.finditer(self.traceback))
+        if not frames:
+            return {}
+        last = frames[-1]
+        number, line = int(last.group(1)), int(last.group(2))
+        frame_end = self.traceback.find("\n\n", last.end())   # IPython separates frames by a blank line
+        marked = _MARKED_LINE.search(self.traceback, last.end(), frame_end if frame_end >= 0 else len(self.traceback))
+        if marked:
+            code = marked.group(1).strip()
+        elif number == self.cell.number and 0 < line <= len(self.cell.source.splitlines()):
+            code = self.cell.source.splitlines()[line - 1].strip()   # a SyntaxError marks no line
+        else:
+            code = ""
+        return {"cell": number, "line": line, "code": code}
+
+    def to_json(self) -> dict:
+        """For the student's feedback page: what it shows, the traceback folded away."""
+        return {"cell": self.cell.number, "first_line": self.cell.first_line, "error": self.name,
+                "message": self.value, "at": self.student_line(), "traceback": self.traceback}
 
 
 @dataclass

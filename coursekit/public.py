@@ -22,7 +22,7 @@ from pathlib import Path
 import nbformat
 
 from coursekit.config import ConfigError, Lab
-from coursekit.notebook import SKIPPED_TAGS, defined_names, statement_names
+from coursekit.notebook import SKIPPED_TAGS, defined_names, statement_names, task_heading
 from coursekit.results import write_atomic
 
 GRADED_NAMES_FILE = "graded-names.json"
@@ -37,10 +37,32 @@ def reached_names(lab: Lab) -> set[str]:
     """Every `student.NAME` of the suite's files."""
     names = set()
     for path in sorted(lab.suite_dir.rglob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                  and isinstance(node.value, ast.Name) and node.value.id == PROXY_NAME}
+        names |= _proxy_names(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
     return names
+
+
+def _proxy_names(node: ast.AST) -> set[str]:
+    """The `student.NAME`s under a node of a suite."""
+    return {n.attr for n in ast.walk(node)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == PROXY_NAME}
+
+
+def reached_names_by_test(lab: Lab) -> dict[str, set[str]]:
+    """Per test function of the suite, the `student.NAME`s it reaches: in its own body, and
+    in the module's functions and fixtures it uses, however deep."""
+    reached = {}
+    for path in suite_files(lab):
+        functions = {node.name: node for node in ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for name in functions:
+            if name.startswith("test"):
+                seen, todo = set(), [name]
+                while todo:
+                    current = todo.pop()
+                    seen.add(current)
+                    todo += [used for used in _uses(functions[current]) if used in functions and used not in seen]
+                reached[name] = set().union(*(_proxy_names(functions[f]) for f in seen))
+    return reached
 
 
 def graded_names(lab: Lab, source_notebook: Path) -> list[dict]:
@@ -53,7 +75,8 @@ def graded_names(lab: Lab, source_notebook: Path) -> list[dict]:
         if cell.cell_type == "markdown":
             for line in cell.source.splitlines():
                 if line.startswith("## "):
-                    task = line[3:].split(":", 1)[0].strip() if line.startswith("## Task ") else ""
+                    heading = task_heading(line)
+                    task = heading[0] if heading else ""
             continue
         if cell.cell_type != "code" or set(cell.metadata.get("tags", [])) & SKIPPED_TAGS:
             continue

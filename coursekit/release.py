@@ -19,9 +19,10 @@ from pathlib import Path
 from traitlets.config import Config
 
 from coursekit.config import Course, Lab
-from coursekit.notebook import HINTS_FILE, notebook_hints
-from coursekit.public import write_public
+from coursekit.notebook import HINTS_FILE, notebook_hints, read_notebook
+from coursekit.public import graded_names, reached_names_by_test, write_public
 from coursekit.results import write_atomic
+from coursekit.tasks import TASKS_FILE, assign_tests, notebook_tasks, tasks_json
 
 STUDENT_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 OUTPUT_FOLDERS = ("release", "solutions")
@@ -90,6 +91,7 @@ def generate(course: Course, labs: list[Lab], root: Path | None = None) -> None:
                                        f"({converter.__name__}); its log above says why") from None
             write_hints(root, lab)
             write_public(root, lab)
+            write_tasks(root, lab)
             write_examples(root, lab)
 
 
@@ -109,3 +111,12 @@ def write_hints(root: Path, lab: Lab) -> None:
     """The source notebook's hints, beside the suite: every backend ships the suite."""
     hints = notebook_hints(root / "source" / lab.id / lab.notebook)
     write_atomic(root / "autograder" / lab.id / HINTS_FILE, json.dumps(hints, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_tasks(root: Path, lab: Lab) -> None:
+    """Which hidden tests grade which task of the notebook, for the student's feedback
+    (coursekit.tasks): from this root's source notebook and the course's suite."""
+    notebook = root / "source" / lab.id / lab.notebook
+    task_of_name = {n["name"]: n["task"] for n in graded_names(lab, notebook)}
+    tasks = assign_tests(notebook_tasks(read_notebook(notebook)), task_of_name, reached_names_by_test(lab))
+    write_atomic(root / "autograder" / lab.id / TASKS_FILE, tasks_json(tasks))

@@ -14,16 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coursekit.config import Lab
+from coursekit.feedback import split_hint, with_hint
+from coursekit.feedback_page import render as render_feedback
 from coursekit.outcomes import CaseOutcome, SessionLog
+from coursekit.tasks import suite_tasks
 
 RESULTS_FILE = "results.json"
 FEEDBACK_FILE = "feedback.html"
 GRADEBOOK_FILE = "grades.csv"
 # How score_tests writes a test's output, which TestResult reads back for the instructor's report.
 NOT_RUN = "This test did not run."
-HINT = "Hint: "
 _CASES_PASSED = re.compile(r"\d+/\d+ cases passed")
 _CASE = re.compile(r"\[(.+?)\] ")
+_SHARED = re.compile(r"\d+ cases: (.+)")   # failure_lines' one line for cases that failed alike
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -60,16 +63,15 @@ class TestResult:
 
     def failed_cases(self) -> list[tuple[str, str]]:
         """Each failed case's (case id, message), read back from the output score_tests wrote
-        ("[case] message" lines after the "k/n cases passed" line, the hint last); a message's
-        further lines (the student's traceback) stay with it. Case id "" where the test has none."""
+        (failure_lines' "[case] message" lines after the "k/n cases passed" line, the hint last); a
+        message's further lines (the student's traceback) stay with it. Case id "" where the test has none."""
         if self.status == "passed" or not self.ran:
             return []
-        lines = self.output.splitlines()
+        lines = split_hint(self.output)[0].splitlines()
         if lines and _CASES_PASSED.fullmatch(lines[0]):
             lines = lines[1:]
-        hint = next((i for i in reversed(range(len(lines))) if lines[i].startswith(HINT)), len(lines))
         cases: list[list[str]] = []
-        for line in lines[:hint]:
+        for line in lines:
             match = _CASE.match(line)
             if match:
                 cases.append([match.group(1), line[match.end():]])
@@ -77,7 +79,11 @@ class TestResult:
                 cases[-1][1] += "\n" + line
             else:
                 cases.append(["", line])
-        return [(case, message) for case, message in cases]
+        found = []
+        for case, message in cases:
+            shared = _SHARED.fullmatch(case)
+            found += [(one, message) for one in (shared.group(1).split("; ") if shared else [case])]
+        return found
 
     def to_json(self) -> dict:
         return {"name": self.name, "extra_data": {"seconds": self.seconds}, "score": self.score,
@@ -125,9 +131,8 @@ class Results:
 
 def save_submission(folder: Path, lab: Lab, results: Results) -> None:
     """results.json, then the student's feedback.html made from it."""
-    from coursekit.feedback import render
-
-    write_atomic(folder / FEEDBACK_FILE, render(results, f"{lab.title}: your results", lab.due))
+    page = render_feedback(results, f"{lab.title}: your results", suite_tasks(lab.suite_dir), lab.due)
+    write_atomic(folder / FEEDBACK_FILE, page)
     write_atomic(folder / RESULTS_FILE, json.dumps(results.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
@@ -147,18 +152,32 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | N
         cases = [o for o in outcomes if o.function == name]
         passed = sum(o.passed for o in cases)
         score = spec.points * passed / len(cases) if cases else 0.0
-        failures = [f"[{o.case}] {o.message}" if o.case else o.message for o in cases if not o.passed]
-        if not cases:
-            failures = [NOT_RUN]
+        failures = failure_lines([o for o in cases if not o.passed]) if cases else [NOT_RUN]
         output = f"{passed}/{len(cases)} cases passed" if len(cases) > 1 else ""
         if failures:
             output = "\n".join([output, *failures]).strip()
             if (hints or {}).get(name):
-                output += f"\n{HINT}{hints[name]}"
+                output = with_hint(output, hints[name])
         tests.append(TestResult(name, round(score, 4), spec.points,
                                 "passed" if cases and passed == len(cases) else "failed", output, spec.visibility,
                                 round(sum(o.seconds for o in cases), 3)))
     return tests
+
+
+def failure_lines(failed: list[CaseOutcome]) -> list[str]:
+    """One line per way of failing: cases that failed with the same message (a function
+    left unwritten fails every case alike) share one line, prefixed by their ids."""
+    by_message: dict[str, list[str]] = {}
+    for outcome in failed:
+        by_message.setdefault(outcome.message, []).append(outcome.case)
+    lines = []
+    for message, ids in by_message.items():
+        ids = [i for i in ids if i]
+        if len(ids) > 1:
+            lines.append(f"[{len(ids)} cases: {'; '.join(ids)}] {message}")
+        else:
+            lines += [f"[{i}] {message}" for i in ids] or [message]
+    return lines
 
 
 def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None, seconds: float,
@@ -175,12 +194,12 @@ def build_results(lab: Lab, outcomes: list[CaseOutcome], log: SessionLog | None,
         # Case seconds exclude the waits for the kernel's start and the notebook's run (the plugin).
         timing.update(startup=round(log.startup_seconds, 2), notebook=round(log.notebook_seconds, 2),
                       tests=round(sum(o.seconds for o in outcomes), 2), slowest_cell=round(log.slowest_cell_seconds, 2))
-        # The same facts as the output's text, structured for the instructor's report (coursekit.report).
-        extra["cell_errors"] = [{"cell": e.cell.number, "first_line": e.cell.first_line, "error": e.name}
-                                for e in log.cell_errors]
+        # Structured for the instructor's report (coursekit.report), as cell_errors below is for both pages.
         extra["limits_fired"] = dict(sorted((log.limits_fired + Counter(restarts=log.restarts)).items()))
     key = str(extra.pop("key", ""))
     extra["unscored_tests"] = sorted({o.function for o in outcomes} - set(lab.tests))
+    if log is not None:
+        extra.update(cell_errors=[e.to_json() for e in log.cell_errors], restarts=log.restarts)
     return Results(lab=lab.id, score=round(sum(t.score for t in tests), 4), max_score=lab.max_score, tests=tests,
                    problem=problem, output="\n\n".join(lines), execution_time=round(seconds, 2), timings=timing,
                    key=key, extra=extra)

@@ -22,7 +22,6 @@ import ast
 import contextlib
 import dataclasses
 import io
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,9 +37,6 @@ from coursekit.public import read_graded_names
 from coursekit.results import TestResult, score_tests
 from coursekit.worker import run_suite, student_run
 
-# Where IPython's traceback places a frame in a notebook cell: "Cell In[7] (cell #9), line 3",
-# once the grader has named the cell.
-CELL_FRAME = re.compile(r"In\s*\[(\d+)\](?: \(cell #\d+\))?, line (\d+)")
 DETAIL_LINES = 3   # of the message of a failed public test's first failed case
 DETAIL_WIDTH = 200
 
@@ -103,7 +99,7 @@ def validate(course: Course, notebook: Path, lab_id: str | None = None, progress
             report.checks = [PublicCheck(result, [o for o in plugin.outcomes if o.function == result.name
                                                   and not o.passed]) for result in scored]
     report.stopped = run.broken or ""
-    report.cells = [_describe(error, run.exec_to_cell) for error in run.log.cell_errors]
+    report.cells = [_describe(error) for error in run.log.cell_errors]
     report.names = [(g["name"], g["task"], name_problem(g["name"], present.get(g["name"]), code, skipped,
                                                         run.log.cell_errors)) for g in graded]
     report.run = {"code_cells": len(code), "skipped": len(skipped), "seconds": round(time.monotonic() - started, 1)}
@@ -205,18 +201,13 @@ def _not_implemented(statement: ast.stmt, name: str) -> int:
     return 0
 
 
-def _describe(error: CellError, exec_to_cell: dict[int, Cell]) -> str:
-    """The cell, the error, and the student's own line it came from: the innermost frame of
-    the traceback that is a notebook cell."""
+def _describe(error: CellError) -> str:
+    """The cell, the error, and the student's own line it came from (CellError.student_line)."""
     text = f"cell #{error.cell.number} ({error.cell.first_line!r}) raised {error.name}"
     text += f": {error.value.splitlines()[0][:200]}" if error.value.strip() else ""
-    frames = CELL_FRAME.findall(error.traceback)
-    cell = exec_to_cell.get(int(frames[-1][0])) if frames else None
-    if cell is not None:
-        number = int(frames[-1][1])
-        lines = cell.source.splitlines()
-        code = lines[number - 1].strip() if 0 < number <= len(lines) else ""
-        text += f"\n       at cell #{cell.number}, line {number}: {code}"
+    at = error.student_line()
+    if at:
+        text += f"\n       at cell #{at['cell']}, line {at['line']}: {at['code']}"
     return text
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from coursekit.batch import submissions_root
 from coursekit.config import DEVICE_POLICIES, Course, Lab, load_course
-from coursekit.notebook import SubmissionError, graded_cells, read_notebook, suite_hints
+from coursekit.notebook import SubmissionError, graded_cells, read_notebook, skipped_cells, suite_hints
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
@@ -142,7 +142,8 @@ def grade(course: Course, lab: Lab, notebook: Path, extra: dict, private: list[P
     problem = f"Grading stopped early: {run.broken}" if run.broken else ""
     extra = {**extra, "student_user": process.isolation.description, "sandbox": run.sandbox,
              "environment": plugin.environment,
-             "student_process": {"folder": process.workdir.name, "started_ahead": ahead is not None}}
+             "student_process": {"folder": process.workdir.name, "started_ahead": ahead is not None},
+             "skipped_cells": skipped_cells(nb)}
     if only:
         extra["only_tests"] = sorted(only)
     return build_results(lab, plugin.outcomes, run.log, time.monotonic() - started, extra, problem,

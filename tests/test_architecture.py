@@ -10,8 +10,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "coursekit"
 BATCH_SIDE = ["cli", "batch", "runners", "archive", "gradebook", "gradescope", "results", "check", "release", "export",
-              "feedback", "keys", "config", "similarity", "similarity_report", "late", "regrade", "tables",
-              "public", "report", "report_page"]
+              "feedback", "feedback_page", "tasks", "keys", "config", "similarity", "similarity_report", "late",
+              "regrade", "tables", "public", "report", "report_page"]
 # What batch-side modules import only inside the functions that need it (loaded here too).
 BATCH_SIDE_LAZY = ["copydetect", "matplotlib.figure", "matplotlib.backends.backend_agg"]
 

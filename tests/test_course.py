@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coursekit.check import check_leaks, check_points, check_up_to_date
+from coursekit.check import check_leaks, check_points, check_recorded, check_up_to_date
 from coursekit.config import load_course
 
 COURSE = load_course(Path(__file__).resolve().parent.parent / "course.yaml")
@@ -21,6 +21,7 @@ def test_points_match_the_suite(lab_id):
 @pytest.mark.parametrize("lab_id", LABS)
 def test_release_and_solutions_are_up_to_date(lab_id):
     assert check_up_to_date(COURSE, COURSE.lab(lab_id)) == []
+    assert check_recorded(COURSE, COURSE.lab(lab_id)) == []
 
 
 @pytest.mark.parametrize("lab_id", LABS)

@@ -157,5 +157,5 @@ def test_feedback_page_shows_what_a_student_may_see(graded_toy):
     page = (out / "alice" / "feedback.html").read_text()
     assert page.startswith("<!doctype html>") and "test_double" in page and "this cell is broken" in page
     assert "test_hostile_return" not in page  # hidden in course.yaml
-    assert "1 more test(s) will be shown later" in page
+    assert "1 more test will be shown later" in page
     assert "oracle" not in page and "lab_settings" not in page
