@@ -12,7 +12,7 @@ import io
 from html import escape
 from pathlib import Path
 
-from coursekit.feedback import STYLE
+from coursekit.feedback_page import STYLE
 from coursekit.report import VARIES, LabReport, bin_labels
 from coursekit.results import write_atomic
 
