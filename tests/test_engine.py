@@ -89,8 +89,10 @@ def test_limits_that_fired_and_cells_that_raised_are_recorded_for_the_instructor
     extra = graded_toy[1]["extra_data"]
     # The hang (its test's limit), the crash (a restart) and the hog (out of memory), as `course report` reads them.
     assert extra["limits_fired"] == {"memory": 1, "restarts": 1, "test_seconds": 1}
-    assert extra["cell_errors"] == [{"cell": 6, "first_line": "raise RuntimeError('this cell is broken')",
-                                     "error": "RuntimeError"}]
+    [error] = extra["cell_errors"]
+    assert {k: error[k] for k in ("cell", "first_line", "error", "message", "at")} == {
+        "cell": 6, "first_line": "raise RuntimeError('this cell is broken')", "error": "RuntimeError",
+        "message": "this cell is broken", "at": {"cell": 6, "line": 1, "code": "raise RuntimeError('this cell is broken')"}}
 
 
 def test_memory_is_capped(graded_toy):
