@@ -188,14 +188,15 @@ def grade_batch(course: Course, submissions: list[Submission], out: Path, worker
     replaced: dict[str, tuple[Planned, Path | None]] = {}   # results a regrade replaces, and where they are kept
     for plan in plan_batch(submissions, out, force):
         sub = plan.sub
-        if sub.problem:
-            results = _ungradable(sub)
+        problem = sub.problem or (_unreadable(sub.notebook) if plan.reasons != [UNCHANGED] else "")
+        if problem:
+            results = _ungradable(sub, problem)
             if results is not None:
                 if plan.previous and plan.previous.key:   # a grade about to become a zero
                     replaced[sub.name] = plan, keep_previous(out / sub.name, stamp)
                 save_submission(out / sub.name, sub.lab, results)
                 graded[sub.name] = results
-            rows[sub.name] = _row(sub, results, sub.problem)
+            rows[sub.name] = _row(sub, results, problem)
         elif plan.reasons == [UNCHANGED]:
             graded[sub.name] = _reassess_lateness(out / sub.name, sub, plan.previous)
             rows[sub.name] = _row(sub, graded[sub.name])
@@ -292,11 +293,21 @@ def submissions_root(notebook: Path) -> Path:
     return next((p for p in notebook.parents if p.name == "submitted"), notebook.parent)
 
 
-def _ungradable(sub: Submission) -> Results | None:
+def _ungradable(sub: Submission, problem: str) -> Results | None:
     """A zero with the reason, for the student's feedback when the lab is known."""
     if sub.lab is None:
         return None
-    return failed_results(sub.lab, sub.problem, 0.0, {"student": sub.student})
+    return failed_results(sub.lab, problem, 0.0, {"student": sub.student})
+
+
+def _unreadable(notebook: Path) -> str:
+    """Why a file cannot be graded at all (not a notebook, damaged, too large): found here,
+    before a worker is started for it."""
+    try:
+        read_notebook(notebook)
+    except SubmissionError as exc:
+        return str(exc)
+    return ""
 
 
 def _row(sub: Submission, results: Results | None, problem: str = "") -> dict:
