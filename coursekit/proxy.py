@@ -9,7 +9,7 @@ as it would on local code, and carry the student's traceback for the feedback.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from coursekit import wire
 from coursekit.errors import MissingName, StudentCrashed, StudentError
@@ -146,6 +146,7 @@ class Student:
 
     def __init__(self, session: GradingSession):
         self._session = session
+        self._kept: dict[str, tuple[int, Any]] = {}
 
     def __getattr__(self, name: str) -> RemoteObject:
         if name.startswith("_"):
@@ -165,6 +166,17 @@ class Student:
             message += " These cells raised when the grader ran them: " + "; ".join(
                 e.describe() for e in errors[:3])
         return message
+
+    def kept(self, key: str, make: Callable[[], Any]) -> Any:
+        """What make() builds in the student's process (handles: a large vocabulary sent once,
+        say), built once per process and shared by the tests after it; built again after a
+        restart of the process, whose handles are dead."""
+        self._session.ensure_running()
+        generation, value = self._kept.get(key, (None, None))
+        if generation != self._session.generation:
+            value = make()
+            self._kept[key] = (self._session.generation, value)
+        return value
 
     def lib(self, path: str) -> RemoteObject:
         """A library object (``torch.optim.AdamW``) inside the student's process."""

@@ -10,8 +10,8 @@ import torch
 
 from coursekit.errors import MissingName, StudentCrashed, StudentError, StudentTimeout
 
-__all__ = ["MissingName", "StudentCrashed", "StudentError", "StudentTimeout", "gen", "randn", "assert_shape",
-           "assert_close", "assert_equal"]
+__all__ = ["MissingName", "StudentCrashed", "StudentError", "StudentTimeout", "gen", "randn", "randomize_",
+           "assert_shape", "assert_close", "assert_equal"]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -23,6 +23,22 @@ def randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64, s
     """Drawn in float64, then rounded to `dtype`: a float64 oracle fed `.double()` of the
     result sees exactly the values the student's code sees."""
     return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def randomize_(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
+    """Every parameter of an oracle module random, so that each one matters (a default
+    LayerNorm gain of 1 or bias of 0 would hide a student's module ignoring it): norms
+    near 1/0 but not at, matrices ~ 1/sqrt(fan_in), other vectors 0.2 scale."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[1] ** 0.5)
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:

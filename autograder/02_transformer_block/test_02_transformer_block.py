@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from coursekit.testing import assert_close, gen, randn
+from coursekit.testing import assert_close, gen, randn, randomize_
 
 F64 = torch.float64
 TOL = {
@@ -33,20 +33,6 @@ GRAD_TOL = dict(atol=1e-8, rtol=1e-6)  # float64
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def randomize_(module: nn.Module, g: torch.Generator) -> nn.Module:
-    """Every parameter random, so that each one (LayerNorm gains, attention biases) matters."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[1] ** 0.5)
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
 
 
 def contract_names(torch_names) -> dict[str, tuple[str, int | None]]:

@@ -147,33 +147,17 @@ def hf_oracle_gpt2(with_eot: bool):
     return ref.hf_gpt2([EOT] if with_eot else [])
 
 
-_REMOTE_GPT2: dict[int, tuple] = {}
-
-
-def _remote_gpt2(student, rebuild: bool = False):
-    """GPT-2's vocab and merges, sent to the student's process once (about 6 MB by value, seconds)
-    and kept there as handles; sent again if the process was restarted since."""
-    key = id(student)
-    if rebuild or key not in _REMOTE_GPT2:
-        vocab, merges = ref.gpt2_vocab_and_merges()
-        _REMOTE_GPT2[key] = (student.lib("builtins.dict").keep(vocab), student.lib("builtins.list").keep(merges))
-    return _REMOTE_GPT2[key]
-
-
 def gpt2_tokenizer(student, specials=()):
-    """The student's BPETokenizer with GPT-2's vocabulary: each call gets its own copies of the
-    kept vocab and merges, so no test sees what another one's tokenizer did to them."""
-    from coursekit.testing import StudentCrashed
+    """The student's BPETokenizer with GPT-2's vocabulary. The vocab and merges are sent to the
+    student's process once (about 6 MB by value, seconds) and kept there; each call gets its own
+    copies of them, so no test sees what another one's tokenizer did to them."""
+    def send():
+        vocab, merges = ref.gpt2_vocab_and_merges()
+        return student.lib("builtins.dict").keep(vocab), student.lib("builtins.list").keep(merges)
 
-    for attempt in range(2):
-        vocab, merges = _remote_gpt2(student, rebuild=attempt > 0)
-        try:
-            vocab_copy = student.lib("builtins.dict").keep(vocab)
-            merges_copy = student.lib("builtins.list").keep(merges)
-        except StudentCrashed:  # handles from before a restart of the student's process
-            continue
-        return student.BPETokenizer(vocab_copy, merges_copy, list(specials))
-    raise AssertionError("the grader could not send GPT-2's vocabulary to your notebook's process")
+    vocab, merges = student.kept("GPT-2's vocab and merges", send)
+    return student.BPETokenizer(student.lib("builtins.dict").keep(vocab), student.lib("builtins.list").keep(merges),
+                                list(specials))
 
 
 # -- training on hand-built corpora -------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from coursekit.testing import assert_close, assert_equal, assert_shape, gen
+from coursekit.testing import assert_close, assert_equal, assert_shape, gen, randomize_
 
 transformers = pytest.importorskip("transformers")
 from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
@@ -52,22 +52,6 @@ TOL64 = dict(atol=1e-7, rtol=1e-6)    # float64 model (the provided table is flo
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def randomize_(module: nn.Module, g: torch.Generator) -> nn.Module:
-    """Every parameter random: LayerNorms near 1/0 (but not at), matrices ~ 1/sqrt(fan_in), biases 0.2."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[1] ** 0.5)
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[1] ** 0.5)
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
 
 
 def contract_name(torch_name: str) -> list[tuple[str, int | None]]:
