@@ -67,6 +67,22 @@ def test_handles_keep_identity_and_die_with_a_restart(session):
     assert student.lib("math.sqrt")(4.0) == 2.0  # the restarted process answers
 
 
+def test_kept_handles_are_built_once_per_process(session):
+    student = Student(session)
+    built = []
+
+    def make():
+        built.append(session.generation)
+        return student.lib("builtins.list").keep([1, 2, 3])
+
+    first = student.kept("numbers", make)
+    assert student.kept("numbers", make) is first and len(built) == 1
+    session.kernel.shutdown()  # the process restarts: its handles are dead, so it is built again
+    again = student.kept("numbers", make)
+    assert len(built) == 2 and built[1] > built[0] and again is not first
+    assert student.lib("builtins.len")(again) == 3
+
+
 def test_large_arguments_cross_intact(session):
     student = Student(session)
     big = torch.randn(200_000, 50)  # 40 MB each way
