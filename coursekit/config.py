@@ -101,6 +101,8 @@ class Course:
     labs: dict[str, Lab]
     root: Path
     path: Path = field(repr=False)
+    sandbox: bool = True            # namespaces, read-only file system, control groups (coursekit.sandbox)
+    student_user: str = "nobody"    # who the student's code runs as when the grader is root
 
     def lab(self, lab_id: str) -> Lab:
         try:
@@ -183,8 +185,13 @@ class _Validator:
 
     def course(self, data: Any) -> Course:
         data = self.mapping(data, "(top level)")
-        self.unknown(data, "(top level)", ("course_id", "title", "image", "device", "defaults", "labs", "extensions"))
+        self.unknown(data, "(top level)", ("course_id", "title", "image", "device", "sandbox", "defaults", "labs",
+                                           "extensions"))
         image = self.mapping(data.get("image", {}), "image")
+        sandbox = self.mapping(data.get("sandbox", {}), "sandbox")
+        self.unknown(sandbox, "sandbox", ("enabled", "student_user"))
+        if not isinstance(sandbox.get("enabled", True), bool):
+            self.fail("sandbox.enabled", "true or false", sandbox["enabled"])
         defaults = self.mapping(data.get("defaults", {}), "defaults")
         self.unknown(defaults, "defaults", ("limits", "visibility"))
         device = self.choice(data.get("device", "auto"), "device", DEVICE_POLICIES)
@@ -206,7 +213,8 @@ class _Validator:
             title=self.text(data.get("title"), "title"),
             image_base=self.text(image.get("base"), "image.base"),
             image_grader=self.text(image.get("grader", DEFAULT_GRADER_IMAGE), "image.grader"),
-            device=device, labs=labs, root=root, path=self.path,
+            device=device, labs=labs, root=root, path=self.path, sandbox=sandbox.get("enabled", True),
+            student_user=self.text(sandbox.get("student_user", "nobody"), "sandbox.student_user"),
         )
 
     def limits(self, data: Any, key: str, base: Limits | None, device: str = "auto") -> Limits:

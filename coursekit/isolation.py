@@ -2,7 +2,7 @@
 coursekit.sandbox).
 
 When the grader runs as root (as in the grader container), the student's kernel
-runs as an unprivileged user (``COURSE_STUDENT_USER``, default ``nobody``), which
+runs as an unprivileged user (course.yaml's ``sandbox.student_user``, default ``nobody``), which
 makes a process-count limit bind and keeps the grader's files out of reach by
 permissions too. Where that user cannot run this Python at all, the kernel runs as
 the grader's user and every result says so.
@@ -56,7 +56,9 @@ def needed_paths(course_root: Path, workdir: Path) -> list[Path]:
 
 def sandbox_plan(workdir: Path, course_root: Path, private: list[Path], user: StudentUser | None = None,
                  address_space_bytes: int | None = None, memory_bytes: int | None = None,
-                 max_processes: int | None = None) -> dict:
+                 max_processes: int | None = None, sandbox: bool = True) -> dict:
+    """`sandbox`: course.yaml's sandbox.enabled (off: the kernel runs without namespaces and
+    control groups, only with the user and limits above)."""
     workdir = workdir.resolve()
     needed = needed_paths(course_root, workdir)
     folders = [Path(tempfile.gettempdir()), Path.home(), *private]
@@ -74,7 +76,7 @@ def sandbox_plan(workdir: Path, course_root: Path, private: list[Path], user: St
         "address_space_bytes": address_space_bytes,
         "memory_bytes": memory_bytes,
         "max_processes": max_processes,
-        "sandbox": os.environ.get("COURSE_SANDBOX", "1") != "0",
+        "sandbox": sandbox,
     }
     if user is not None:
         plan["user"] = {"uid": user.uid, "gid": user.gid}
@@ -93,15 +95,16 @@ def launcher(plan_path: Path) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def student_isolation(course_root: Path) -> Isolation:
+def student_isolation(course_root: Path, name: str = "nobody") -> Isolation:
+    """`name`: course.yaml's sandbox.student_user."""
     if os.geteuid() != 0:
         return Isolation(None, f"the grader's own user ({pwd.getpwuid(os.geteuid()).pw_name}); "
                                "run the grader as root (as its container does) to isolate students")
-    name = os.environ.get("COURSE_STUDENT_USER", "nobody")
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        return Isolation(None, f"root: the student user {name!r} does not exist (set COURSE_STUDENT_USER)")
+        return Isolation(None, f"root: the student user {name!r} does not exist "
+                               "(course.yaml's sandbox.student_user names who it should be)")
     user = StudentUser(name, entry.pw_uid, entry.pw_gid)
     # The student's Python must run as that user inside the sandbox the kernel will get.
     runs, _ = probe(course_root, [sys.executable, "-c", "import coursekit.runtime"], user=user)

@@ -62,7 +62,7 @@ class StudentProcess:
 def student_process(course: Course, lab: Lab, private: list[Path]) -> StudentProcess:
     workdir = make_workdir()
     device = course.resolved_device()
-    isolation = student_isolation(course.root)
+    isolation = student_isolation(course.root, course.student_user)
     if isolation.user is not None:
         isolation.user.give(workdir)
         protect(course.root / "autograder")
@@ -71,7 +71,7 @@ def student_process(course: Course, lab: Lab, private: list[Path]) -> StudentPro
     # address space than it uses, so on a GPU the control group (or container) does it.
     plan = sandbox_plan(workdir, course.root, [course.root / "autograder", *private], user=isolation.user,
                         address_space_bytes=memory if device == "cpu" else None, memory_bytes=memory,
-                        max_processes=lab.limits.processes)
+                        max_processes=lab.limits.processes, sandbox=course.sandbox)
     return StudentProcess(lab.id, tuple(p.resolve() for p in private), workdir, plan, isolation, device)
 
 

@@ -43,6 +43,7 @@ def test_a_valid_file_gives_points_limits_and_visibility(tmp_path):
     assert lab.max_score == 5 and lab.tests["test_b"].timeout == 30
     assert lab.tests["test_a"].visibility == "visible" and lab.tests["test_b"].visibility == "hidden"
     assert lab.limits.memory_mb == 1000
+    assert course.sandbox is True and course.student_user == "nobody"   # the defaults
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -57,6 +58,9 @@ def test_a_valid_file_gives_points_limits_and_visibility(tmp_path):
     (lambda d: d["defaults"]["limits"].update(cpus=0), "defaults.limits.cpus: expected a positive number"),
     (lambda d: d["labs"][0].update(limits={"gpus": -1}), "labs[0].limits.gpus: expected a number >= 0"),
     (lambda d: d["image"].update(grader=""), "image.grader: expected a non-empty string"),
+    (lambda d: d.update(sandbox={"enabled": "no"}), "sandbox.enabled: expected true or false, got 'no'"),
+    (lambda d: d.update(sandbox={"student_user": ""}), "sandbox.student_user: expected a non-empty string"),
+    (lambda d: d.update(sandbox={"user": "x"}), "sandbox: unknown key 'user'"),
     # Late work: a policy needs a due date; penalties are percentages; the cutoff comes after the due date.
     (lambda d: d["labs"][0].update(late={"percent_per_day": 10}), "labs[0].late: a late policy needs the lab's due date"),
     (lambda d: d["labs"][0].update(due="2026-01-01T12:00:00Z", late={"percent_per_day": -5}),
