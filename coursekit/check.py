@@ -181,16 +181,19 @@ def check_provided(course: Course, lab: Lab) -> list[str]:
 
 
 def check_grades(course: Course, labs: list[Lab], workers: int, report=print) -> list[str]:
+    kinds: dict[str, tuple[Lab, str]] = {}   # each submission's lab and which notebook it is
     subs = []
     for lab in labs:
-        subs.append(Submission(f"{lab.id}__source", lab.notebook_in("source"), lab))
-        subs.append(Submission(f"{lab.id}__release", lab.notebook_in("release"), lab))
+        for kind in ("source", "release"):
+            sub = Submission(f"{lab.id}-{kind}", lab.notebook_in(kind), lab)
+            if sub.notebook.exists():
+                subs.append(sub)
+                kinds[sub.name] = lab, kind
     problems = []
     with tempfile.TemporaryDirectory(prefix="course-check-grades-") as out:
-        rows = grade_batch(course, [s for s in subs if s.notebook.exists()], Path(out), workers=workers)
+        rows = grade_batch(course, subs, Path(out), workers=workers)
         for row in rows:
-            lab = course.labs[row["lab"]]
-            kind = row["student"].rsplit("__", 1)[1]
+            lab, kind = kinds[row["student"]]
             if row["problem"]:
                 problems.append(f"{lab.id}: grading the {kind} notebook failed: {row['problem']}")
             elif kind == "source" and float(row["score"]) != lab.max_score:
