@@ -89,7 +89,8 @@ def defined_names(source: str) -> dict[str, ast.stmt]:
         tree = ast.parse(python)
     except SyntaxError:
         return {}
-    return {name: node for node in tree.body for name in statement_names(node)}
+    # Sorted: a statement binding several names lists them in one order on every run.
+    return {name: node for node in tree.body for name in sorted(statement_names(node))}
 
 
 def statement_names(node: ast.stmt) -> set[str]:
