@@ -93,6 +93,22 @@ def defined_names(source: str) -> dict[str, ast.stmt]:
     return {name: node for node in tree.body for name in sorted(statement_names(node))}
 
 
+def imported(source: str) -> list[tuple[str, str | None]]:
+    """What a piece of code imports at its top: (module, name) for `from module import
+    name`, (module, None) for `import module`; relative imports left out."""
+    try:
+        tree = ast.parse(re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE))
+    except SyntaxError:
+        return []
+    found: list[tuple[str, str | None]] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [(node.module, alias.name if alias.name != "*" else None) for alias in node.names]
+    return found
+
+
 def statement_names(node: ast.stmt) -> set[str]:
     """The names one top-level statement binds in its module."""
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):

@@ -108,7 +108,8 @@ class LocalRunner(Runner):
     def _take(self, job: Job) -> int:
         with self._lock:
             if self._zygote is None:
-                self._zygote = ZygoteClient(worker_env(job.threads))
+                suites = sorted({str(j.lab.suite_dir) for j in [job, *self._queue]})
+                self._zygote = ZygoteClient(worker_env(job.threads), suites)
             worker = self._pool.pop(0) if self._pool else self._spawn(job)
             self._given += 1
             upcoming = self._given + len(self._pool)
@@ -142,8 +143,8 @@ class ZygoteClient:
     """The batch's side of coursekit.zygote: ask for workers, hand each its job, learn
     how each ended. Workers are numbered here; their exits come back on a reader thread."""
 
-    def __init__(self, env: dict[str, str]):
-        self._process = subprocess.Popen([sys.executable, "-m", "coursekit.zygote"], stdin=subprocess.PIPE,
+    def __init__(self, env: dict[str, str], suite_dirs: list[str]):
+        self._process = subprocess.Popen([sys.executable, "-m", "coursekit.zygote", *suite_dirs], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self._write = threading.Lock()
         self._exited: dict[int, int] = {}

@@ -25,7 +25,7 @@ import pytest
 
 from coursekit.batch import submissions_root
 from coursekit.config import DEVICE_POLICIES, Course, Lab, load_course
-from coursekit.notebook import SubmissionError, graded_cells, read_notebook, skipped_cells, suite_hints
+from coursekit.notebook import SubmissionError, graded_cells, imported, read_notebook, skipped_cells, suite_hints
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
@@ -85,9 +85,30 @@ def start_ahead(spec: dict) -> StudentProcess | None:
         process = student_process(course, lab, [Path(p) for p in spec["private"]])
         process.kernel = start_kernel(process.workdir, student_environment(course.root / "data", process.workdir),
                                       {"plan": process.plan})
+        process.kernel.execute(preimport_code(lab), timeout=120)
         return process
     except Exception:  # noqa: BLE001  the usual path reports whatever this hit
         return None
+
+
+def preimport_code(lab: Lab) -> str:
+    """For a kernel started ahead, while it waits: the imports the lab's own notebook makes
+    (the instructor's notebook, not the student's), so that the submission's first cell
+    finds torch, transformers and the rest loaded. Nothing else of the namespace changes."""
+    notebook = next((p for p in (lab.notebook_in("source"), lab.notebook_in("release")) if p.exists()), None)
+    wanted = [] if notebook is None else sorted({pair for cell in graded_cells(read_notebook(notebook))
+                                                 for pair in imported(cell.source)}, key=str)
+    return ("def _ck_preimport():\n"
+            "    import importlib\n"
+            f"    for module, name in {wanted!r}:\n"
+            "        try:\n"
+            "            loaded = importlib.import_module(module)\n"
+            "            if name:\n"
+            "                getattr(loaded, name, None)\n"
+            "        except Exception:\n"
+            "            pass\n"
+            "_ck_preimport()\n"
+            "del _ck_preimport")
 
 
 @contextmanager

@@ -1,30 +1,33 @@
-"""``python -m coursekit.zygote``: where a batch's local grader workers come from.
+"""``python -m coursekit.zygote [SUITE_DIR ...]``: where a batch's local grader workers come from.
 
-Starting a grader worker is mostly importing torch, transformers, pytest and the
-engine: seconds of CPU per submission, on the same cores that grade. The zygote does
-those imports once per batch, then forks one worker per submission on request. Each
-fork is a fresh process that serves exactly one submission (coursekit.worker.serve)
-and exits, so nothing of one submission reaches another; the zygote itself never
-reads a notebook, starts a kernel or touches a GPU (a CUDA context does not survive a
-fork), it only forks, forwards lines and reports exits.
+Starting a grader worker is mostly importing torch, transformers, pytest, the engine
+and what the hidden suites import: seconds of CPU per submission, on the same cores
+that grade. The zygote does those imports once per batch, then forks one worker per
+submission on request. Each fork is a fresh process that serves exactly one
+submission (coursekit.worker.serve) and exits, so nothing of one submission reaches
+another; the zygote itself never reads a notebook, starts a kernel or touches a GPU (a
+CUDA context does not survive a fork), it only forks, forwards lines and reports exits.
 
 Protocol, one JSON object per line. In (stdin, from coursekit.runners.LocalRunner):
   {"spawn": ID, "line": "..."}   fork worker ID, its stdin's first line already written
   {"send": ID, "line": "..."}    the worker's last line (its job, or "" for none)
   {"kill": ID}                   SIGKILL it (a submission past its time limit)
-Out (stdout): {"exited": ID, "status": CODE}, CODE as subprocess reports it (negative: killed by that signal). EOF on stdin: the batch is
-over or its process died; the zygote exits, and its workers with it
-(coursekit.worker.exit_with_parent), and their kernels with them (coursekit.sandbox).
+Out (stdout): {"exited": ID, "status": CODE}, CODE as subprocess reports it (negative:
+killed by that signal). EOF on stdin: the batch is over or its process died; the zygote
+exits, and its workers with it (coursekit.worker.exit_with_parent), and their kernels
+with them (coursekit.sandbox).
 """
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import select
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 
 class Zygote:
@@ -136,7 +139,29 @@ def _write_all(fd: int, text: str) -> None:
         data = data[os.write(fd, data):]
 
 
-def main() -> int:
+def preimport(suite_dirs: list[str]) -> None:
+    """What the batch's hidden suites import at their top (`import x`, `from x import y`):
+    seconds per submission otherwise (transformers loads a model's code on first access).
+    Only the import statements are run here, never a suite's own code; what fails to
+    import is left for the worker, which reports it."""
+    from coursekit.notebook import imported
+
+    for folder in suite_dirs:
+        for path in sorted(Path(folder).glob("*.py")):
+            try:
+                wanted = imported(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            for module, name in wanted:
+                try:
+                    loaded = importlib.import_module(module)
+                    if name:
+                        getattr(loaded, name, None)
+                except Exception:  # noqa: BLE001  (see above)
+                    pass
+
+
+def main(suite_dirs: list[str]) -> int:
     # Replies go out on a copy of stdout; fd 1 itself goes to stderr, so that nothing an
     # import prints can be taken for a reply.
     replies = os.dup(1)
@@ -147,8 +172,9 @@ def main() -> int:
 
     import coursekit.worker  # noqa: F401
 
+    preimport(suite_dirs)
     return Zygote(0, replies).run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
