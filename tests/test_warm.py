@@ -38,3 +38,19 @@ def test_each_kernel_is_started_ahead_and_serves_one_submission(toy_course, tmp_
         assert scores["test_double"] == 3, (name, results[name]["tests"][0]["output"])
     # And no kernel is left once the batch is over.
     assert not any(processes(p["folder"]) for p in started.values())
+
+
+def test_a_kernel_started_ahead_loads_the_labs_imports_and_nothing_else():
+    import subprocess
+    import sys
+
+    from coursekit.config import load_course
+    from coursekit.worker import preimport_code
+
+    code = preimport_code(load_course().lab("01_attention"))
+    # In a fresh interpreter, as in the kernel: the lab notebook's modules are loaded, and the
+    # namespace the student's cells will run in gains no name.
+    probe = (f"import sys\nbefore = set(globals())\n{code}\n"
+             "assert set(globals()) - before == {'before'}, set(globals()) - before\n"
+             "assert 'matplotlib.pyplot' in sys.modules and 'torch.nn.functional' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", probe], check=True, env={"MPLBACKEND": "Agg"})
