@@ -136,7 +136,11 @@ def run_suite(lab: Lab, run: GradingSession, device: str, suite_dir: Path, only:
     ini.write_text("[pytest]\n")
     try:
         pytest.main([str(suite_dir), "-c", str(ini), "--rootdir", str(suite_dir), "-q",
-                     "-p", "no:cacheprovider", "--assert=plain", "--import-mode=importlib"],
+                     "-p", "no:cacheprovider", "--assert=plain", "--import-mode=importlib",
+                     # One line per failure in grader.log: a full traceback parses the suite's source for
+                     # every failed case (seconds for a stub), and the student's message comes from the
+                     # exception itself (coursekit.plugin.student_message).
+                     "--tb=line"],
                     plugins=[plugin, plugin_module])
     finally:
         shutil.rmtree(ini.parent, ignore_errors=True)
