@@ -3,6 +3,7 @@ which cells the grader runs, and which lab the notebook belongs to."""
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -81,32 +82,47 @@ def defined_names(source: str) -> dict[str, ast.stmt]:
     """The names a code cell binds at its top level (def, class, assignment, import; inside
     if/try/with/for blocks too, never inside a function or class), each with the top-level
     statement that binds it last. {} for a cell that is not Python (a cell magic, a syntax error)."""
-    if source.lstrip().startswith("%%"):
-        return {}
-    # Shell and line magics (!pip, %time) are IPython's, not Python's: read them as `pass`.
-    python = re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE)
-    try:
-        tree = ast.parse(python)
-    except SyntaxError:
-        return {}
+    tree = _python(source)
     # Sorted: a statement binding several names lists them in one order on every run.
-    return {name: node for node in tree.body for name in sorted(statement_names(node))}
+    return {} if tree is None else {name: node for node in tree.body for name in sorted(statement_names(node))}
 
 
 def imported(source: str) -> list[tuple[str, str | None]]:
     """What a piece of code imports at its top: (module, name) for `from module import
     name`, (module, None) for `import module`; relative imports left out."""
-    try:
-        tree = ast.parse(re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE))
-    except SyntaxError:
-        return []
+    tree = _python(source)
     found: list[tuple[str, str | None]] = []
-    for node in tree.body:
+    for node in tree.body if tree is not None else []:
         if isinstance(node, ast.Import):
             found += [(alias.name, None) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found += [(node.module, alias.name if alias.name != "*" else None) for alias in node.names]
     return found
+
+
+def _python(source: str) -> ast.Module | None:
+    """A code cell as Python; None for a cell that is not (a cell magic, a syntax error)."""
+    if source.lstrip().startswith("%%"):
+        return None
+    # Shell and line magics (!pip, %time) are IPython's, not Python's: read them as `pass`.
+    try:
+        return ast.parse(re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE))
+    except SyntaxError:
+        return None
+
+
+def preload(wanted: list[tuple[str, str | None]]) -> None:
+    """Import what `imported` found, ahead of the code that imports it (the zygote for the
+    hidden suites, a kernel started ahead for the lab's notebook), and touch each imported
+    name, which is where transformers loads a model's code. What fails is left for the
+    code itself to import, and report."""
+    for module, name in wanted:
+        try:
+            loaded = importlib.import_module(module)
+            if name:
+                getattr(loaded, name, None)
+        except Exception:  # noqa: BLE001  (see above)
+            pass
 
 
 def statement_names(node: ast.stmt) -> set[str]:

@@ -98,17 +98,8 @@ def preimport_code(lab: Lab) -> str:
     notebook = next((p for p in (lab.notebook_in("source"), lab.notebook_in("release")) if p.exists()), None)
     wanted = [] if notebook is None else sorted({pair for cell in graded_cells(read_notebook(notebook))
                                                  for pair in imported(cell.source)}, key=str)
-    return ("def _ck_preimport():\n"
-            "    import importlib\n"
-            f"    for module, name in {wanted!r}:\n"
-            "        try:\n"
-            "            loaded = importlib.import_module(module)\n"
-            "            if name:\n"
-            "                getattr(loaded, name, None)\n"
-            "        except Exception:\n"
-            "            pass\n"
-            "_ck_preimport()\n"
-            "del _ck_preimport")
+    # An expression, not a statement: the student's namespace gains no name.
+    return f"__import__('coursekit.notebook').notebook.preload({wanted!r})"
 
 
 @contextmanager

@@ -20,7 +20,6 @@ with them (coursekit.sandbox).
 from __future__ import annotations
 
 import atexit
-import importlib
 import json
 import os
 import select
@@ -141,24 +140,16 @@ def _write_all(fd: int, text: str) -> None:
 
 def preimport(suite_dirs: list[str]) -> None:
     """What the batch's hidden suites import at their top (`import x`, `from x import y`):
-    seconds per submission otherwise (transformers loads a model's code on first access).
-    Only the import statements are run here, never a suite's own code; what fails to
-    import is left for the worker, which reports it."""
-    from coursekit.notebook import imported
+    seconds per submission otherwise. Only the import statements are run here, never a
+    suite's own code."""
+    from coursekit.notebook import imported, preload
 
     for folder in suite_dirs:
         for path in sorted(Path(folder).glob("*.py")):
             try:
-                wanted = imported(path.read_text(encoding="utf-8"))
+                preload(imported(path.read_text(encoding="utf-8")))
             except (OSError, ValueError):
                 continue
-            for module, name in wanted:
-                try:
-                    loaded = importlib.import_module(module)
-                    if name:
-                        getattr(loaded, name, None)
-                except Exception:  # noqa: BLE001  (see above)
-                    pass
 
 
 def main(suite_dirs: list[str]) -> int:
