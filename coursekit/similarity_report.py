@@ -7,6 +7,7 @@ from html import escape
 from pathlib import Path
 
 from coursekit.similarity import Comparison, Match, StudentCode
+from coursekit.tables import text_table
 
 STYLE = """
 body{font:15px/1.5 system-ui,sans-serif;margin:2em auto;padding:0 1em;max-width:1500px;color:#222}
@@ -23,11 +24,10 @@ def summary(comparison: Comparison, page: Path) -> str:
               f"pair(s), threshold {comparison.threshold:.0%} of either one's own code")]
     if flagged:
         lines.append(f"{len(flagged)} pair(s) above the threshold, most similar first:")
-        rows = [("student", "student", "1st's code in 2nd", "2nd's in 1st", "shared tokens")]
-        rows += [(m.first.student, m.second.student, f"{m.shares[0]:.0%}", f"{m.shares[1]:.0%}", str(m.tokens))
-                 for m in flagged]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        table = text_table(("student", "student", "1st's code in 2nd", "2nd's in 1st", "shared tokens"),
+                           [(m.first.student, m.second.student, f"{m.shares[0]:.0%}", f"{m.shares[1]:.0%}",
+                             m.tokens) for m in flagged])
+        lines += ["  " + line for line in table.splitlines()]
     else:
         lines.append("No pair above the threshold.")
     if comparison.unreadable:
