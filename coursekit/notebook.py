@@ -3,7 +3,6 @@ which cells the grader runs, and which lab the notebook belongs to."""
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -109,20 +108,6 @@ def _python(source: str) -> ast.Module | None:
         return ast.parse(re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE))
     except SyntaxError:
         return None
-
-
-def preload(wanted: list[tuple[str, str | None]]) -> None:
-    """Import what `imported` found, ahead of the code that imports it (the zygote for the
-    hidden suites, a kernel started ahead for the lab's notebook), and touch each imported
-    name, which is where transformers loads a model's code. What fails is left for the
-    code itself to import, and report."""
-    for module, name in wanted:
-        try:
-            loaded = importlib.import_module(module)
-            if name:
-                getattr(loaded, name, None)
-        except Exception:  # noqa: BLE001  (see above)
-            pass
 
 
 def statement_names(node: ast.stmt) -> set[str]:

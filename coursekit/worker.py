@@ -99,7 +99,7 @@ def preimport_code(lab: Lab) -> str:
     wanted = [] if notebook is None else sorted({pair for cell in graded_cells(read_notebook(notebook))
                                                  for pair in imported(cell.source)}, key=str)
     # An expression, not a statement: the student's namespace gains no name.
-    return f"__import__('coursekit.notebook').notebook.preload({wanted!r})"
+    return f"__import__('coursekit.preload').preload.preload({wanted!r})"
 
 
 @contextmanager

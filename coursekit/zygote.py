@@ -142,7 +142,8 @@ def preimport(suite_dirs: list[str]) -> None:
     """What the batch's hidden suites import at their top (`import x`, `from x import y`):
     seconds per submission otherwise. Only the import statements are run here, never a
     suite's own code."""
-    from coursekit.notebook import imported, preload
+    from coursekit.notebook import imported
+    from coursekit.preload import preload
 
     for folder in suite_dirs:
         for path in sorted(Path(folder).glob("*.py")):
