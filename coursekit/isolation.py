@@ -28,6 +28,8 @@ from pathlib import Path
 from coursekit.sandbox import read_status
 
 PLAN_FILE = ".sandbox-plan.json"
+_REACHES_RUNTIME = ("import importlib.util as u, sys; "
+                    "sys.exit(not all(u.find_spec(m) for m in ('torch', 'ipykernel', 'coursekit.runtime')))")
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,19 @@ def write_plan(plan: dict) -> Path:
     return path
 
 
+_forge: str | None = None
+
+
+def use_forge(socket_path: str | None) -> None:
+    """From now on, this process's kernels are forked from the forge listening at
+    `socket_path` (coursekit.forge) rather than started afresh."""
+    global _forge
+    _forge = socket_path
+
+
 def launcher(plan_path: Path) -> list[str]:
-    return [sys.executable, "-m", "coursekit.sandbox", str(plan_path), "--"]
+    forge = ["--forge", _forge] if _forge else []
+    return [sys.executable, "-m", "coursekit.sandbox", str(plan_path), *forge, "--"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,8 +119,10 @@ def student_isolation(course_root: Path, name: str = "nobody") -> Isolation:
         return Isolation(None, f"root: the student user {name!r} does not exist "
                                "(course.yaml's sandbox.student_user names who it should be)")
     user = StudentUser(name, entry.pw_uid, entry.pw_gid)
-    # The student's Python must run as that user inside the sandbox the kernel will get.
-    runs, _ = probe(course_root, [sys.executable, "-c", "import coursekit.runtime"], user=user)
+    # The student's Python must run as that user inside the sandbox the kernel will get, and
+    # reach the runtime and torch. Finding them is enough: importing torch here would cost every
+    # grader worker (each a fresh process) seconds of CPU.
+    runs, _ = probe(course_root, [sys.executable, "-c", _REACHES_RUNTIME], user=user)
     if not runs:
         return Isolation(None, f"root: the student user {name!r} cannot run {sys.executable} "
                                "(is the Python environment under a private directory?)")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import nbformat
 
+from coursekit.config import Lab
+
 # Cells the source tags like this are never run by the grader: a grade must not
 # wait on a student's plots or training loop.
 SKIPPED_TAGS = frozenset({"demo", "training"})
@@ -108,6 +110,15 @@ def _python(source: str) -> ast.Module | None:
         return ast.parse(re.sub(r"^(\s*)[!%].*$", r"\1pass", source, flags=re.MULTILINE))
     except SyntaxError:
         return None
+
+
+def lab_imports(lab: Lab) -> list[tuple[str, str | None]]:
+    """What the graded cells of the lab's own notebook import (the instructor's, not a
+    student's), for coursekit.preload."""
+    path = next((p for p in (lab.notebook_in("source"), lab.notebook_in("release")) if p.exists()), None)
+    if path is None:
+        return []
+    return sorted({pair for cell in graded_cells(read_notebook(path)) for pair in imported(cell.source)}, key=str)
 
 
 def statement_names(node: ast.stmt) -> set[str]:

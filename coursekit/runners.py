@@ -28,6 +28,7 @@ from pathlib import Path
 
 from coursekit.config import ConfigError, Course, Lab, Limits, load_course
 from coursekit.keys import submission_key
+from coursekit.notebook import lab_imports
 from coursekit.results import FEEDBACK_FILE, RESULTS_FILE, write_atomic
 
 # Past the submission's own limit, the worker gets this long to write its results
@@ -108,8 +109,10 @@ class LocalRunner(Runner):
     def _take(self, job: Job) -> int:
         with self._lock:
             if self._zygote is None:
-                suites = sorted({str(j.lab.suite_dir) for j in [job, *self._queue]})
-                self._zygote = ZygoteClient(worker_env(job.threads), suites)
+                labs = {j.lab.id: j.lab for j in [job, *self._queue]}
+                suites = sorted(str(lab.suite_dir) for lab in labs.values())
+                kernel_imports = sorted({pair for lab in labs.values() for pair in lab_imports(lab)}, key=str)
+                self._zygote = ZygoteClient(worker_env(job.threads), kernel_imports, suites)
             worker = self._pool.pop(0) if self._pool else self._spawn(job)
             self._given += 1
             upcoming = self._given + len(self._pool)
@@ -143,8 +146,9 @@ class ZygoteClient:
     """The batch's side of coursekit.zygote: ask for workers, hand each its job, learn
     how each ended. Workers are numbered here; their exits come back on a reader thread."""
 
-    def __init__(self, env: dict[str, str], suite_dirs: list[str]):
-        self._process = subprocess.Popen([sys.executable, "-m", "coursekit.zygote", *suite_dirs], stdin=subprocess.PIPE,
+    def __init__(self, env: dict[str, str], kernel_imports: list, suite_dirs: list[str]):
+        self._process = subprocess.Popen([sys.executable, "-m", "coursekit.zygote", json.dumps(kernel_imports), *suite_dirs],
+                                         stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self._write = threading.Lock()
         self._exited: dict[int, int] = {}

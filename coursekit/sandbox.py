@@ -17,7 +17,9 @@ of its own:
   which bounds the number of processes even for root;
 - no capabilities: nothing above can be undone from inside.
 
-Then the plan's limits and user apply and the kernel is exec'd. Where namespaces
+Then the plan's limits and user apply and the kernel is exec'd (or, with ``--forge
+SOCKET``, forked from the batch's forge, coursekit.forge, which builds the same walls
+around the fork; this process then stands in for the kernel). Where namespaces
 are refused (an unprivileged container, another OS), the launcher applies the
 limits and user alone and says so in the status file it writes before exec: the
 grader reads that file before any student code runs.
@@ -230,8 +232,14 @@ def _apply_limits_and_user(plan: dict, control_group: str | None) -> None:
         os.setuid(user["uid"])
 
 
-def launch(plan: dict, argv: list[str]) -> None:
+def launch(plan: dict, argv: list[str], start=None, wanted=None, started=None) -> None:
+    """Build the walls of `plan`, then run the kernel: exec `argv`, or call `start()` (a
+    kernel forked from coursekit.forge, whose Python is already loaded). `wanted()` says
+    whether the kernel is still wanted (default: while the grader that started this
+    launcher lives); `started(pid, status)` hears the kernel's pid, `started(None, status)`
+    that the namespaces were refused (the kernel would then be this very process)."""
     grader = os.getppid()
+    wanted = wanted or (lambda: os.getppid() == grader)
     status = {"namespaces": False, "control_group": None}
     if plan.get("sandbox", True):
         status["control_group"] = _control_group(plan)
@@ -239,11 +247,15 @@ def launch(plan: dict, argv: list[str]) -> None:
             how = _enter_pid_namespace()
         except (SandboxError, OSError) as exc:
             status["why"] = str(exc)
+            if started:
+                started(None, status)
         else:
             _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             child = os.fork()
             if child:
-                _wait_as_parent(child, status["control_group"], grader)
+                if started:
+                    started(child, status)
+                _wait_as_parent(child, status["control_group"], wanted)
             # The kernel is the namespace's first process: when it dies, all it started dies.
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             try:
@@ -257,16 +269,18 @@ def launch(plan: dict, argv: list[str]) -> None:
     if status["namespaces"]:
         _drop_capabilities()
     _apply_limits_and_user(plan, status["control_group"])
+    if start is not None:
+        start()
     os.execv(argv[0], argv)
 
 
-def _wait_as_parent(child: int, groups: str | None, grader: int) -> None:
+def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
     """Stay outside the namespaces until the kernel exits, then leave and remove
     the control groups and exit as the kernel did. Interrupts reach the kernel
-    directly (the grader signals the process group). If the grader dies first (killed,
-    timed out, its terminal closed), this process is handed to another parent: then the
-    kernel is killed, and with it everything in its namespace, so that no student process
-    outlives the grader that started it."""
+    directly (the grader signals the process group, or coursekit.forge's relay passes
+    them on). If the grader dies first (killed, timed out, its terminal closed),
+    `wanted()` turns false: then the kernel is killed, and with it everything in its
+    namespace, so that no student process outlives the grader that started it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = 1
     while True:
@@ -277,7 +291,7 @@ def _wait_as_parent(child: int, groups: str | None, grader: int) -> None:
         if done:
             code = os.waitstatus_to_exitcode(status) & 0xFF
             break
-        if os.getppid() != grader:
+        if not wanted():
             os.kill(child, signal.SIGKILL)
         time.sleep(ORPHAN_POLL_SECONDS)
     # The namespace's other processes, killed with the kernel, are this subreaper's to reap:
@@ -289,13 +303,18 @@ def _wait_as_parent(child: int, groups: str | None, grader: int) -> None:
                 time.sleep(0.05)
         except ChildProcessError:
             break
+    leave_control_groups(groups)
+    os._exit(code)
+
+
+def leave_control_groups(groups: str | None) -> None:
+    """Move this process out of its kernel's control groups, and remove them."""
     for group in filter(None, (groups or "").split(",")):
         try:
             _write(os.path.join(os.path.dirname(group), "cgroup.procs"), os.getpid())
         except OSError:
             pass
     remove_control_groups(groups, wait=5.0)
-    os._exit(code)
 
 
 def read_status(workdir: str) -> dict:
@@ -317,6 +336,19 @@ def describe(status: dict) -> str:
     return "; ".join(parts)
 
 
+def main(args: list[str]) -> None:
+    """``PLAN.json [--forge SOCKET] -- ARGV``: with a forge, the kernel is forked from it
+    (coursekit.forge.relay), and this process stands in for it; without one, or where the
+    forge cannot make it, this process builds the walls itself and execs ARGV."""
+    head, argv = args[:args.index("--")], args[args.index("--") + 1:]
+    with open(head[0]) as plan_file:  # written by the grader, read before anything runs
+        plan = json.load(plan_file)
+    if "--forge" in head and plan.get("sandbox", True):
+        from coursekit.forge import relay
+
+        relay(head[head.index("--forge") + 1], head[0], argv)   # returns only where the forge cannot
+    launch(plan, argv)
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as plan_file:  # written by the grader, read before anything runs
-        launch(json.load(plan_file), sys.argv[sys.argv.index("--") + 1:])
+    main(sys.argv[1:])

@@ -25,7 +25,7 @@ import pytest
 
 from coursekit.batch import submissions_root
 from coursekit.config import DEVICE_POLICIES, Course, Lab, load_course
-from coursekit.notebook import SubmissionError, graded_cells, imported, read_notebook, skipped_cells, suite_hints
+from coursekit.notebook import SubmissionError, graded_cells, lab_imports, read_notebook, skipped_cells, suite_hints
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
@@ -95,11 +95,8 @@ def preimport_code(lab: Lab) -> str:
     """For a kernel started ahead, while it waits: the imports the lab's own notebook makes
     (the instructor's notebook, not the student's), so that the submission's first cell
     finds torch, transformers and the rest loaded. Nothing else of the namespace changes."""
-    notebook = next((p for p in (lab.notebook_in("source"), lab.notebook_in("release")) if p.exists()), None)
-    wanted = [] if notebook is None else sorted({pair for cell in graded_cells(read_notebook(notebook))
-                                                 for pair in imported(cell.source)}, key=str)
     # An expression, not a statement: the student's namespace gains no name.
-    return f"__import__('coursekit.preload').preload.preload({wanted!r})"
+    return f"__import__('coursekit.preload').preload.preload({lab_imports(lab)!r})"
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""``python -m coursekit.zygote [SUITE_DIR ...]``: where a batch's local grader workers come from.
+"""``python -m coursekit.zygote KERNEL_IMPORTS [SUITE_DIR ...]``: where a batch's local grader workers come from.
 
 Starting a grader worker is mostly importing torch, transformers, pytest, the engine
 and what the hidden suites import: seconds of CPU per submission, on the same cores
@@ -16,6 +16,10 @@ Out (stdout): {"exited": ID, "status": CODE}, CODE as subprocess reports it (neg
 killed by that signal). EOF on stdin: the batch is over or its process died; the zygote
 exits, and its workers with it (coursekit.worker.exit_with_parent), and their kernels
 with them (coursekit.sandbox).
+
+The batch's student kernels come from a second process the zygote starts, the forge
+(coursekit.forge, KERNEL_IMPORTS being what it imports for them): kernels never fork
+from the zygote, which holds the grader's engine and the suites' imports.
 """
 from __future__ import annotations
 
@@ -23,8 +27,11 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -153,20 +160,41 @@ def preimport(suite_dirs: list[str]) -> None:
                 continue
 
 
-def main(suite_dirs: list[str]) -> int:
+def main(kernel_imports: str, suite_dirs: list[str]) -> int:
     # Replies go out on a copy of stdout; fd 1 itself goes to stderr, so that nothing an
     # import prints can be taken for a reply.
     replies = os.dup(1)
     os.dup2(2, 1)
-    import pytest  # noqa: F401  what every worker needs, imported once for all of them
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+    folder = tempfile.mkdtemp(prefix="course-forge-")   # only the grader's user can reach it
+    try:
+        start_forge(folder, kernel_imports)
+        import pytest  # noqa: F401  what every worker needs, imported once for all of them
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
 
-    import coursekit.worker  # noqa: F401
+        import coursekit.worker  # noqa: F401
 
-    preimport(suite_dirs)
-    return Zygote(0, replies).run()
+        preimport(suite_dirs)
+        return Zygote(0, replies).run()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)   # only the zygote gets here: its forks never return
+
+
+def start_forge(folder: str, kernel_imports: str) -> None:
+    """The batch's kernels are forked from a forge (coursekit.forge), a child of this process
+    that ends with it, started with an environment as bare as a student's."""
+    from coursekit.isolation import use_forge
+    from coursekit.session import student_environment
+
+    path = os.path.join(folder, "forge.sock")
+    # Its imports may read these at import time (matplotlib's cache, Hugging Face's home):
+    # a folder of the forge's own, which no kernel needs to write.
+    env = student_environment(Path(folder), Path(folder))
+    subprocess.Popen([sys.executable, "-m", "coursekit.forge", path, kernel_imports], cwd=folder, env=env,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+    use_forge(path)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -1,6 +1,7 @@
 """No student process outlives its grader: `course grade` killed with SIGKILL in the
-middle of a submission takes its zygote and worker, the sandboxed kernel, what the notebook
-started (a daemon in its own session included) and their control groups with it."""
+middle of a submission takes its zygote and worker, the forge and the sandboxed kernel
+forked from it, what the notebook started (a daemon in its own session included) and
+their control groups with it."""
 from __future__ import annotations
 
 import os
@@ -61,20 +62,25 @@ def test_killing_the_batch_kills_every_student_process(tmp_path, write_notebook)
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert wait_for(lambda: processes(MARKER), 120), "the notebook's daemon never started"
-        # The daemon's parent is the kernel, and the kernel's its sandbox launcher.
+        # The daemon's parent is the kernel, forked (as the launcher's child) from the batch's forge,
+        # a child of the zygote; the process jupyter_client started for the kernel, which stands in
+        # for it (coursekit.forge.relay), is a child of the grader worker, another fork of the zygote.
         kernel = parent(next(iter(processes(MARKER))))
-        ours = {kernel, parent(kernel)}
-        assert ours <= processes("course-student-"), "the daemon's parent is not a sandboxed kernel"
-        groups = {g for g in control_groups() if g.name == f"coursekit-{parent(kernel)}"}
-        # Above the launcher: its grader worker, and the zygote that forked the worker.
-        worker = parent(parent(kernel))
+        launcher = parent(kernel)
+        forge = parent(launcher)
+        assert {kernel, launcher} <= processes("coursekit.forge"), "the kernel was not forked from the forge"
+        groups = {g for g in control_groups() if g.name == f"coursekit-{launcher}"}
+        assert groups, "the kernel has no control group"
+        stand_in = next(iter(processes("course-student-") & processes("coursekit.sandbox")))
+        worker = parent(stand_in)
         zygote = parent(worker)
-        assert processes("coursekit.zygote") >= {zygote} and parent(zygote) == batch.pid
+        assert parent(forge) == zygote and processes("coursekit.zygote") >= {zygote} and parent(zygote) == batch.pid
+        ours = {kernel, launcher, forge, stand_in}
         os.kill(batch.pid, signal.SIGKILL)
         batch.wait()
         assert wait_for(lambda: not processes(MARKER), 15), "the notebook's daemon outlived the batch"
-        assert wait_for(lambda: not (processes("course-student-") & ours), 15), \
-            "the sandboxed kernel outlived the batch"
+        assert wait_for(lambda: not (processes("coursekit") & ours), 15), \
+            "the sandboxed kernel, its launcher, the forge or the kernel's stand-in outlived the batch"
         assert wait_for(lambda: not (processes("coursekit") & {worker, zygote}), 15), \
             "the grader's worker or zygote outlived the batch"
         assert wait_for(lambda: not (control_groups() & groups), 15), \

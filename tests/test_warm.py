@@ -11,15 +11,23 @@ from coursekit.results import RESULTS_FILE
 from .conftest import toy_notebook
 from .test_orphans import processes
 
-# A file a submission leaves in its working folder: the next submission must not find it.
-LEAVE = ("open('left-behind.txt', 'w').write('secret')\n"
+# A file a submission leaves in its working folder, and state it leaves in its process (a
+# module's attribute, an environment variable): the next submission must find none of them,
+# nor anything of the grader's own environment (kernels are forked from one forge per batch).
+LEAVE = ("import os, torch\nopen('left-behind.txt', 'w').write('secret')\n"
+         "torch.LEFT_BEHIND = 1\nos.environ['LEFT_BEHIND'] = '1'\n"
          "def double(x):\n    if isinstance(x, str):\n        raise TypeError('no')\n    return x * 2", None)
-PEEK = ("import os, glob\nSEEN = glob.glob('/tmp/course-student-*/left-behind.txt') + glob.glob('left-behind.txt')\n"
+PEEK = ("import os, glob, torch\nSEEN = glob.glob('/tmp/course-student-*/left-behind.txt') + glob.glob('left-behind.txt')\n"
+        "SEEN += [hasattr(torch, 'LEFT_BEHIND'), 'LEFT_BEHIND' in os.environ, 'COURSE_GRADER_SECRET' in os.environ]\n"
+        "try:  # the environment the process started with (unreadable to a kernel whose user was changed)\n"
+        "    SEEN.append(b'COURSE_GRADER_SECRET' in open('/proc/self/environ', 'rb').read())\n"
+        "except PermissionError:\n    pass\n"
         "def double(x):\n    if isinstance(x, str):\n        raise TypeError('no')\n"
-        "    return x * (3 if SEEN else 2)", None)
+        "    return x * (3 if any(SEEN) else 2)", None)
 
 
-def test_each_kernel_is_started_ahead_and_serves_one_submission(toy_course, tmp_path, write_notebook):
+def test_each_kernel_is_started_ahead_and_serves_one_submission(toy_course, tmp_path, write_notebook, monkeypatch):
+    monkeypatch.setenv("COURSE_GRADER_SECRET", "grader only")
     folder = tmp_path / "submissions"
     for name, cells in [("first", [LEAVE]), ("second", [PEEK]), ("third", [PEEK])]:
         write_notebook(toy_notebook([("import torch\nfrom torch import nn", None), *cells]), f"{name}.ipynb", folder)
