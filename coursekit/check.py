@@ -6,7 +6,7 @@
   makes today, and holds no test that course.yaml does not mark public;
 - release/ holds no solution code and no hidden-test text;
 - code a notebook provides from earlier labs (its metadata `course.provided`:
-  {lab id: [grade ids]}) is those labs' solution code, unchanged;
+  {lab id: [grade ids or function names]}) is those labs' solution code, unchanged;
 - the source notebook, graded like any submission, scores full marks; the
   release stub scores 0 and grades without the grader failing;
 - what the source notebook needed (its slowest cell, each test) is recorded beside
@@ -156,28 +156,46 @@ def check_leaks(course: Course, lab: Lab) -> list[str]:
 
 
 def check_provided(course: Course, lab: Lab) -> list[str]:
-    """Each earlier lab's solution cell named in `course.provided`, without its solution markers, must
-    appear verbatim in one of this notebook's locked code cells."""
+    """Each piece of an earlier lab named in `course.provided` ({lab id: [names]}, a name being a
+    cell's grade id or a top-level function or class of that lab's source notebook), without its
+    solution markers, must appear verbatim in one of this notebook's locked code cells."""
     nb = nbformat.read(lab.notebook_in("source"), as_version=4)
     provided = nb.metadata.get("course", {}).get("provided", {})
     locked = [c.source for c in nb.cells if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("locked")]
     problems = []
-    for other_id, grade_ids in provided.items():
+    for other_id, names in provided.items():
         if other_id not in course.labs:
             problems.append(f"{lab.id}: provides code from {other_id}, which course.yaml does not list")
             continue
-        other = nbformat.read(course.labs[other_id].notebook_in("source"), as_version=4)
-        cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source for c in other.cells}
-        for grade_id in grade_ids:
-            if grade_id not in cells:
-                problems.append(f"{lab.id}: {other_id} has no cell {grade_id!r} to provide")
-                continue
-            code = "\n".join(line for line in cells[grade_id].splitlines()
-                             if not line.strip().startswith((BEGIN, END)))
-            if not any(code in source for source in locked):
-                problems.append(f"{lab.id}: its provided copy of {other_id}'s {grade_id!r} differs from that "
-                                "lab's solution")
+        pieces = _provided_pieces(nbformat.read(course.labs[other_id].notebook_in("source"), as_version=4))
+        for name in names:
+            if name not in pieces:
+                problems.append(f"{lab.id}: {other_id} has no cell, function or class {name!r} to provide")
+            elif not any(pieces[name] in source for source in locked):
+                problems.append(f"{lab.id}: its provided copy of {other_id}'s {name!r} differs from that "
+                                "lab's solution (copy it again from its source notebook, without the solution markers)")
     return problems
+
+
+def _provided_pieces(nb: nbformat.NotebookNode) -> dict[str, str]:
+    """What a notebook can provide to a later lab: each code cell by its grade id, and each
+    top-level function or class by its name, all without solution markers."""
+    pieces = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        code = "\n".join(line for line in cell.source.splitlines() if not line.strip().startswith((BEGIN, END)))
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if grade_id:
+            pieces[grade_id] = code
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                pieces.setdefault(node.name, ast.get_source_segment(code, node, padded=True))
+    return pieces
 
 
 def check_grades(course: Course, labs: list[Lab], workers: int, report=print) -> list[str]:

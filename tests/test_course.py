@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coursekit.check import check_leaks, check_points, check_recorded, check_up_to_date
+from coursekit.check import check_leaks, check_points, check_provided, check_recorded, check_up_to_date
 from coursekit.config import load_course
 
 COURSE = load_course(Path(__file__).resolve().parent.parent / "course.yaml")
@@ -57,6 +57,37 @@ def test_the_leak_check_catches_a_leak(tmp_path):
     problems = check_leaks(course, copy)
     assert any("solution code appears" in p for p in problems), problems
     assert any("a line of the hidden suite" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("lab_id", LABS)
+def test_provided_code_is_the_earlier_labs_solution(lab_id):
+    assert check_provided(COURSE, COURSE.lab(lab_id)) == []
+
+
+def test_the_provided_code_check_catches_a_drifted_copy(tmp_path):
+    """Lab 09 carries lab 06's sampling filters, declared in its metadata: change one
+    character of the copy, or declare a name lab 06 does not have, and the check says so."""
+    import shutil
+
+    import nbformat
+
+    lab, source = COURSE.lab("09_alignment"), COURSE.lab("06_gpt_decoding")
+    assert "top_p_filter" in nbformat.read(lab.notebook_in("source"), as_version=4).metadata["course"]["provided"][source.id]
+    root = tmp_path / "course"
+    for one in (lab, source):
+        shutil.copytree(COURSE.root / "source" / one.id, root / "source" / one.id)
+    path = root / "source" / lab.id / lab.notebook
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "def top_p_filter(" in c.source)
+    cell.source = cell.source.replace("remove_sorted[..., 0] = False", "remove_sorted[..., 1] = False")
+    nb.metadata["course"]["provided"][source.id].append("nucleus_search")
+    nbformat.write(nb, path)
+    copies = {one.id: type(one)(**{**one.__dict__, "root": root}) for one in (lab, source)}
+    course = type(COURSE)(**{**COURSE.__dict__, "root": root, "labs": copies})
+    problems = check_provided(course, copies[lab.id])
+    assert problems == [f"{lab.id}: its provided copy of {source.id}'s 'top_p_filter' differs from that lab's solution "
+                        "(copy it again from its source notebook, without the solution markers)",
+                        f"{lab.id}: {source.id} has no cell, function or class 'nucleus_search' to provide"], problems
 
 
 def test_check_records_what_the_reference_needs_and_only_rewrites_on_a_new_limit(tmp_path):
