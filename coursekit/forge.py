@@ -1,4 +1,4 @@
-"""``python -m coursekit.forge SOCKET [IMPORTS]``: where a batch's student kernels come from.
+"""``python -m coursekit.forge serve SOCKET IMPORTS``: where a batch's student kernels come from.
 
 A student's kernel is a fresh Python that imports ipykernel, torch and what the lab's
 notebook imports: seconds of CPU per submission, on the cores that grade. The forge
@@ -20,8 +20,9 @@ grader can reach): a 4-byte length and a JSON object {"plan": PLAN_PATH, "argv":
 streams passed along as file descriptors; one JSON line back, {"pid": KERNEL_PID}
 or {"fallback": WHY} (the namespaces were refused: the requester then launches the
 kernel itself, as without a forge). The connection stays open while the kernel
-runs: when the requester (``relay``, standing in for the kernel) goes, the kernel
-is killed.
+runs: when the requester goes, the kernel is killed. The requester is
+``python -m coursekit.forge relay SOCKET PLAN -- ARGV``, the process jupyter_client
+starts for the kernel, which stands in for it (see relay).
 """
 from __future__ import annotations
 
@@ -35,8 +36,7 @@ import sys
 import threading
 import traceback
 
-from coursekit.sandbox import (ORPHAN_POLL_SECONDS, PR_SET_PDEATHSIG, _libc, launch,
-                               leave_control_groups)
+from coursekit.sandbox import ORPHAN_POLL_SECONDS, die_with_parent, launch, leave_control_groups
 
 REPLY_SECONDS = 120   # for the forge to answer: it may still be importing
 
@@ -47,9 +47,16 @@ def relay(forge: str, plan_path: str, argv: list[str]) -> None:
     """Have the forge at `forge` fork the kernel `argv` (``python -m MODULE ...``) in the
     sandbox of `plan_path`, then stand in for it as the process jupyter_client started:
     interrupts are passed on, this process ends when the kernel does, and if the grader
-    goes first the kernel is killed. Returns only where the forge cannot make the kernel."""
-    if len(argv) < 3 or argv[1] != "-m" or not hasattr(os, "pidfd_open"):
-        return
+    goes first the kernel is killed. Where the forge cannot make the kernel, this process
+    launches it itself (coursekit.sandbox), as without a forge."""
+    with open(plan_path) as handle:
+        plan = json.load(handle)
+    if plan.get("sandbox", True) and len(argv) >= 3 and argv[1] == "-m" and hasattr(os, "pidfd_open"):
+        _relay(forge, plan_path, argv)
+    launch(plan, argv)
+
+
+def _relay(forge: str, plan_path: str, argv: list[str]) -> None:
     grader = os.getppid()
     request = json.dumps({"plan": os.path.abspath(plan_path), "argv": argv,
                           "env": dict(os.environ), "cwd": os.getcwd()}).encode()
@@ -122,14 +129,14 @@ class Forge:
             if self.listener in ready:
                 conn, _ = self.listener.accept()
                 try:
-                    self.serve(conn)
+                    self.handle(conn)
                 except (OSError, ValueError):
                     pass   # a broken request: its requester sees the connection close, and falls back
                 finally:
                     conn.close()
         return 0
 
-    def serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(10)
         data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
         try:
@@ -245,9 +252,9 @@ def _closed(conn: socket.socket) -> bool:
         return True
 
 
-def main(path: str, imports: str = "[]") -> int:
+def serve(path: str, imports: str) -> int:
     parent = os.getppid()
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()
     if os.getppid() != parent:
         return 0
     # Listening before the imports: a kernel asked for meanwhile waits for them, not for a timeout.
@@ -271,4 +278,6 @@ def main(path: str, imports: str = "[]") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    if sys.argv[1] == "relay":   # relay SOCKET PLAN -- ARGV
+        relay(sys.argv[2], sys.argv[3], sys.argv[sys.argv.index("--") + 1:])
+    sys.exit(serve(sys.argv[2], sys.argv[3]))   # serve SOCKET IMPORTS

@@ -103,8 +103,10 @@ def use_forge(socket_path: str | None) -> None:
 
 
 def launcher(plan_path: Path) -> list[str]:
-    forge = ["--forge", _forge] if _forge else []
-    return [sys.executable, "-m", "coursekit.sandbox", str(plan_path), *forge, "--"]
+    """The command that starts a kernel (the argv after it) in the sandbox of `plan_path`."""
+    if _forge:
+        return [sys.executable, "-m", "coursekit.forge", "relay", _forge, str(plan_path), "--"]
+    return [sys.executable, "-m", "coursekit.sandbox", str(plan_path), "--"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,6 +147,18 @@ def probe(course_root: Path, argv: list[str], user: StudentUser | None = None, *
         return runs, read_status(str(workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def scratch_dir(kind: str) -> Path:
+    """A fresh folder under the system's temporary folder, named for this process, so that
+    whoever outlives a killed process can remove what it left (remove_scratch)."""
+    return Path(tempfile.mkdtemp(prefix=f"course-{kind}-{os.getpid()}-"))
+
+
+def remove_scratch(pid: int) -> None:
+    """Remove every scratch folder process `pid` made (a worker killed before its own cleanup)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"course-*-{pid}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def protect(path: Path) -> None:

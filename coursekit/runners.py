@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coursekit.config import ConfigError, Course, Lab, Limits, load_course
+from coursekit.isolation import remove_scratch
 from coursekit.keys import submission_key
 from coursekit.notebook import lab_imports
 from coursekit.results import FEEDBACK_FILE, RESULTS_FILE, write_atomic
@@ -187,6 +188,7 @@ class ZygoteClient:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+        remove_scratch(self._process.pid)   # the forge's folder, if the zygote could not remove it
 
     def _request(self, message: dict) -> None:
         with self._write:

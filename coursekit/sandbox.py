@@ -17,9 +17,9 @@ of its own:
   which bounds the number of processes even for root;
 - no capabilities: nothing above can be undone from inside.
 
-Then the plan's limits and user apply and the kernel is exec'd (or, with ``--forge
-SOCKET``, forked from the batch's forge, coursekit.forge, which builds the same walls
-around the fork; this process then stands in for the kernel). Where namespaces
+Then the plan's limits and user apply and the kernel is exec'd (or forked from the
+batch's forge, coursekit.forge, which builds the same walls around the fork through
+``launch``). Where namespaces
 are refused (an unprivileged container, another OS), the launcher applies the
 limits and user alone and says so in the status file it writes before exec: the
 grader reads that file before any student code runs.
@@ -257,7 +257,7 @@ def launch(plan: dict, argv: list[str], start=None, wanted=None, started=None) -
                     started(child, status)
                 _wait_as_parent(child, status["control_group"], wanted)
             # The kernel is the namespace's first process: when it dies, all it started dies.
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            die_with_parent()
             try:
                 _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC), "unshare")
                 status["namespaces"] = how
@@ -272,6 +272,11 @@ def launch(plan: dict, argv: list[str], start=None, wanted=None, started=None) -
     if start is not None:
         start()
     os.execv(argv[0], argv)
+
+
+def die_with_parent() -> None:
+    """SIGKILL for this process when the thread that started it ends."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
@@ -336,19 +341,6 @@ def describe(status: dict) -> str:
     return "; ".join(parts)
 
 
-def main(args: list[str]) -> None:
-    """``PLAN.json [--forge SOCKET] -- ARGV``: with a forge, the kernel is forked from it
-    (coursekit.forge.relay), and this process stands in for it; without one, or where the
-    forge cannot make it, this process builds the walls itself and execs ARGV."""
-    head, argv = args[:args.index("--")], args[args.index("--") + 1:]
-    with open(head[0]) as plan_file:  # written by the grader, read before anything runs
-        plan = json.load(plan_file)
-    if "--forge" in head and plan.get("sandbox", True):
-        from coursekit.forge import relay
-
-        relay(head[head.index("--forge") + 1], head[0], argv)   # returns only where the forge cannot
-    launch(plan, argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with open(sys.argv[1]) as plan_file:  # written by the grader, read before anything runs
+        launch(json.load(plan_file), sys.argv[sys.argv.index("--") + 1:])

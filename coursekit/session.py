@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from coursekit import wire
 from coursekit.channel import ChannelClosed, ChannelTimeout, GraderChannel
 from coursekit.errors import StudentCrashed, StudentTimeout
+from coursekit.isolation import scratch_dir
 from coursekit.kernel import Execution, KernelDied, KernelTimeout, StudentKernel
 from coursekit.notebook import Cell
 from coursekit.outcomes import MEMORY_ERRORS, CellError, SessionLog
@@ -350,4 +350,4 @@ def student_environment(data_dir: Path, workdir: Path) -> dict[str, str]:
 
 
 def make_workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="course-student-"))
+    return scratch_dir("student")

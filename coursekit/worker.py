@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from coursekit.notebook import SubmissionError, graded_cells, lab_imports, read_
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
-from coursekit.isolation import Isolation, protect, sandbox_plan, student_isolation
+from coursekit.isolation import Isolation, protect, sandbox_plan, scratch_dir, student_isolation
 from coursekit.kernel import StudentKernel
 from coursekit.session import GradingSession, make_workdir, start_kernel, student_environment
 
@@ -120,7 +119,7 @@ def run_suite(lab: Lab, run: GradingSession, device: str, suite_dir: Path, only:
     """The tests of `suite_dir` (all, or the functions in `only`) against the student process of
     `run`, under the lab's time limits; the plugin holds their outcomes."""
     plugin = GradingPlugin(lab, run, device, only)
-    ini = Path(tempfile.mkdtemp(prefix="course-pytest-")) / "pytest.ini"
+    ini = scratch_dir("pytest") / "pytest.ini"
     ini.write_text("[pytest]\n")
     try:
         pytest.main([str(suite_dir), "-c", str(ini), "--rootdir", str(suite_dir), "-q",

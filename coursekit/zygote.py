@@ -31,9 +31,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
+
+from coursekit.isolation import remove_scratch, scratch_dir
 
 
 class Zygote:
@@ -99,10 +100,22 @@ class Zygote:
                 return
             worker = self.pids.pop(pid, None)
             if worker is not None:
+                remove_scratch(pid)   # what a worker killed mid-submission left in the temporary folder
                 fd = self.pipes.pop(worker, None)
                 if fd is not None:
                     os.close(fd)
                 self.reply({"exited": worker, "status": os.waitstatus_to_exitcode(status)})
+
+    def end(self) -> None:
+        """The batch is over or gone: workers still running go, with what they left."""
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            remove_scratch(pid)
+        self.pids.clear()
 
     def reply(self, message: dict) -> None:
         _write_all(self.replies, json.dumps(message) + "\n")
@@ -165,7 +178,7 @@ def main(kernel_imports: str, suite_dirs: list[str]) -> int:
     # import prints can be taken for a reply.
     replies = os.dup(1)
     os.dup2(2, 1)
-    folder = tempfile.mkdtemp(prefix="course-forge-")   # only the grader's user can reach it
+    folder = scratch_dir("forge")   # only the grader's user can reach it
     try:
         start_forge(folder, kernel_imports)
         import pytest  # noqa: F401  what every worker needs, imported once for all of them
@@ -175,7 +188,11 @@ def main(kernel_imports: str, suite_dirs: list[str]) -> int:
         import coursekit.worker  # noqa: F401
 
         preimport(suite_dirs)
-        return Zygote(0, replies).run()
+        zygote = Zygote(0, replies)
+        try:
+            return zygote.run()
+        finally:
+            zygote.end()
     finally:
         shutil.rmtree(folder, ignore_errors=True)   # only the zygote gets here: its forks never return
 
@@ -190,7 +207,7 @@ def start_forge(folder: str, kernel_imports: str) -> None:
     # Its imports may read these at import time (matplotlib's cache, Hugging Face's home):
     # a folder of the forge's own, which no kernel needs to write.
     env = student_environment(Path(folder), Path(folder))
-    subprocess.Popen([sys.executable, "-m", "coursekit.forge", path, kernel_imports], cwd=folder, env=env,
+    subprocess.Popen([sys.executable, "-m", "coursekit.forge", "serve", path, kernel_imports], cwd=folder, env=env,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
     use_forge(path)

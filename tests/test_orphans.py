@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -71,11 +72,13 @@ def test_killing_the_batch_kills_every_student_process(tmp_path, write_notebook)
         assert {kernel, launcher} <= processes("coursekit.forge"), "the kernel was not forked from the forge"
         groups = {g for g in control_groups() if g.name == f"coursekit-{launcher}"}
         assert groups, "the kernel has no control group"
-        stand_in = next(iter(processes("course-student-") & processes("coursekit.sandbox")))
+        stand_in = next(iter(processes("course-student-") & processes("\0relay\0")))
         worker = parent(stand_in)
         zygote = parent(worker)
         assert parent(forge) == zygote and processes("coursekit.zygote") >= {zygote} and parent(zygote) == batch.pid
         ours = {kernel, launcher, forge, stand_in}
+        left = lambda: list(Path(tempfile.gettempdir()).glob(f"course-*-{worker}-*"))  # noqa: E731
+        assert left(), "the worker's folders are not named for it"
         os.kill(batch.pid, signal.SIGKILL)
         batch.wait()
         assert wait_for(lambda: not processes(MARKER), 15), "the notebook's daemon outlived the batch"
@@ -85,6 +88,8 @@ def test_killing_the_batch_kills_every_student_process(tmp_path, write_notebook)
             "the grader's worker or zygote outlived the batch"
         assert wait_for(lambda: not (control_groups() & groups), 15), \
             f"control groups left behind: {control_groups() & groups}"
+        # Nor the folders the worker and its kernel worked in.
+        assert wait_for(lambda: not left(), 15), f"folders left behind: {left()}"
     finally:
         if batch.poll() is None:
             batch.kill()
