@@ -3,8 +3,8 @@
     .venv/bin/python bench/throughput.py [--labs 01_attention 04_bpe_tokenizer] [--workers 1 2]
 
 The batch: for every lab, its reference solution (source/), its stub (release/) and a
-partly wrong notebook (the lab's first always-run mutant from mutants/), laid out as an
-nbgrader submitted/ tree. `course grade` grades it with the hidden suites;
+partly wrong notebook (the lab's first always-run mutant from mutants/), each `--copies`
+times (default once) as different students, laid out as an nbgrader submitted/ tree. `course grade` grades it with the hidden suites;
 `nbgrader autograde` grades the same notebooks in a scratch nbgrader course. Both
 skip the cells tagged demo/training (nbgrader would otherwise run the labs' training
 loops), so both run the same student code; nbgrader has no hidden suites to run, so
@@ -43,8 +43,9 @@ from coursekit.notebook import SKIPPED_TAGS  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def build_batch(course, labs, into: Path) -> list[tuple[str, str]]:
-    """submitted/<student>/<lab>/<notebook> for reference, stub and partly_wrong."""
+def build_batch(course, labs, into: Path, copies: int = 1) -> list[tuple[str, str]]:
+    """submitted/<student>/<lab>/<notebook> for reference, stub and partly_wrong, each `copies`
+    times under as many students' names (a class is many submissions of one lab)."""
     import importlib
 
     made = []
@@ -53,11 +54,13 @@ def build_batch(course, labs, into: Path) -> list[tuple[str, str]]:
         mutant = next(m for m in importlib.import_module(f"mutants.{lab.id}").MUTANTS if m.always)
         notebooks = {"reference": source, "stub": nbformat.read(lab.notebook_in("release"), as_version=4),
                      "partly_wrong": mutant.apply(source)}
-        for student, nb in notebooks.items():
-            folder = into / "submitted" / student / lab.id
-            folder.mkdir(parents=True, exist_ok=True)
-            nbformat.write(nb, folder / lab.notebook)
-            made.append((student, lab.id))
+        for copy in range(copies):
+            for name, nb in notebooks.items():
+                student = name if copy == 0 else f"{name}_{copy + 1}"
+                folder = into / "submitted" / student / lab.id
+                folder.mkdir(parents=True, exist_ok=True)
+                nbformat.write(nb, folder / lab.notebook)
+                made.append((student, lab.id))
     return made
 
 
@@ -115,13 +118,17 @@ def main() -> int:
     parser.add_argument("--labs", nargs="*", help="lab ids (default: all)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="course grade's worker counts to measure (nbgrader has one); default: 1 2")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="grade each of the three notebooks this many times, as as many students "
+                             "(a batch's start is paid once per lab: more copies show the cost per submission "
+                             "of a class); default: 1")
     parser.add_argument("--skip-nbgrader", action="store_true")
     args = parser.parse_args()
     course = load_course(ROOT / "course.yaml")
     labs = [course.lab(i) for i in args.labs] if args.labs else list(course.labs.values())
     work = Path(tempfile.mkdtemp(prefix="course-bench-"))
     try:
-        made = build_batch(course, labs, work / "batch")
+        made = build_batch(course, labs, work / "batch", args.copies)
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"load {os.getloadavg()[0]:.1f}; {len(made)} submissions, {len(labs)} labs, workers={args.workers}")
         course_s = {w: run_course_grade(work / "batch", work / f"out{w}", w, labs) for w in args.workers}
