@@ -8,9 +8,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
+import sys
 
-from coursekit.config import Lab
+# nbformat imports jsonschema to validate notebooks, and jsonschema imports rfc3987_syntax where it is
+# installed (JupyterLab's dependencies bring it), which builds a grammar's parser at import: 1.3 s of
+# CPU in every grader process that reads a notebook, for the "iri" string formats, which no notebook
+# schema uses. Marking it absent (before nbformat) makes jsonschema leave those two formats out.
+sys.modules.setdefault("rfc3987_syntax", None)
+
+import nbformat  # noqa: E402
+
+from coursekit.config import Lab  # noqa: E402
 
 # Cells the source tags like this are never run by the grader: a grade must not
 # wait on a student's plots or training loop.
