@@ -105,6 +105,7 @@ class Feedback:
     withheld: int = 0                 # tests shown later (after the due date, or when grades are published)
     skipped_cells: list[dict] = field(default_factory=list)   # {"cell", "tags"}: demo and training cells
     seconds: dict = field(default_factory=dict)
+    only: bool = False                # the instructor graded only some tests (--only)
 
     @property
     def failed(self) -> list[TestLine]:
@@ -119,10 +120,9 @@ def gather(results: Results, title: str, tasks: list[Task], due: dt.datetime | N
            now: dt.datetime | None = None, published: bool = False) -> Feedback:
     now = now or dt.datetime.now(dt.timezone.utc)
     visible = [t for t in results.tests if shown(t.visibility, due, now, published)]
-    only = set(results.extra.get("only_tests") or ())
     task_of = {name: task.heading for task in tasks for name in task.tests}
     other = "Other" if tasks else "Tests"
-    lines = [_test_line(t, task_of.get(t.name, other), bool(only) and t.name not in only) for t in visible]
+    lines = [_test_line(t, task_of.get(t.name, other)) for t in visible]
     groups = [task.heading for task in tasks] + [other]
     task_lines = [TaskLine(group, [t for t in lines if t.task == group]) for group in groups]
     extra = results.extra
@@ -135,10 +135,12 @@ def gather(results: Results, title: str, tasks: list[Task], due: dt.datetime | N
                                    dict(e.get("at") or {}), str(e["traceback"])) for e in extra.get("cell_errors", [])],
         restarts=int(extra.get("restarts", 0)), withheld=len(results.tests) - len(visible),
         skipped_cells=list(extra.get("skipped_cells", [])),
-        seconds={"total": results.execution_time, **results.timings})
+        seconds={"total": results.execution_time, **results.timings}, only=bool(extra.get("only_tests")))
 
 
-def _test_line(test: TestResult, task: str, not_run: bool) -> TestLine:
+def _test_line(test: TestResult, task: str) -> TestLine:
+    """A test no case of which ran (left out with --only, or a submission that could not be
+    graded at all) is "not run", not "failed"."""
     details, hint = split_hint(test.output)
-    status = NOT_RUN if not_run else ("passed" if test.status == "passed" else "failed")
+    status = NOT_RUN if not test.ran else ("passed" if test.status == "passed" else "failed")
     return TestLine(test.name, task, test.score, test.max_score, status, details, hint)

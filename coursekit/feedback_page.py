@@ -122,7 +122,9 @@ def _test_link(test: TestLine) -> str:
 def _failures(feedback: Feedback) -> str:
     failed = feedback.failed
     if not failed:
-        return "<section id='failed'><h2>What failed</h2><p>Nothing: every test shown here passed.</p></section>"
+        ran = any(t.status != NOT_RUN for task in feedback.tasks for t in task.tests)
+        text = "Nothing: every test shown here passed." if ran else "No test ran: see why above."
+        return f"<section id='failed'><h2>What failed</h2><p>{text}</p></section>"
     articles = "".join(
         f"<article class='failure' id='{_anchor(t)}'><h3><code>{escape(t.name)}</code> "
         f"<span class='muted'>{_points(t.score)} / {_points(t.max_score)}</span></h3>"
@@ -171,7 +173,8 @@ def _about(feedback: Feedback) -> str:
               "in Jupyter (plots, studies, training), and no test depends on them." for tag, numbers in by_tag.items()]
     if feedback.not_run:
         names = ", ".join(f"<code>{escape(t.name)}</code>" for t in feedback.not_run)
-        lines.append(f"Not run in this grading (the instructor graded only some tests): {names}; they score 0 here.")
+        why = "the instructor graded only some tests" if feedback.only else "the grading stopped before them"
+        lines.append(f"Not run in this grading ({why}): {names}; they score 0 here.")
     if feedback.withheld:
         lines.append(f"{_count(feedback.withheld, 'more test')} will be shown later (after the due date or when grades are "
                      "published); the score above counts only the tests shown.")

@@ -23,7 +23,7 @@ RESULTS_FILE = "results.json"
 FEEDBACK_FILE = "feedback.html"
 GRADEBOOK_FILE = "grades.csv"
 # How score_tests writes a test's output, which TestResult reads back for the instructor's report.
-NOT_RUN = "This test did not run."
+NOT_RUN_OUTPUT = "This test did not run."
 _CASES_PASSED = re.compile(r"\d+/\d+ cases passed")
 _CASE = re.compile(r"\[(.+?)\] ")
 _SHARED = re.compile(r"\d+ cases: (.+)")   # failure_lines' one line for cases that failed alike
@@ -59,7 +59,7 @@ class TestResult:
     @property
     def ran(self) -> bool:
         """False where no case ran: a test left out with --only, or a submission that could not be graded."""
-        return not self.output.startswith(NOT_RUN)
+        return not self.output.startswith(NOT_RUN_OUTPUT)
 
     def failed_cases(self) -> list[tuple[str, str]]:
         """Each failed case's (case id, message), read back from the output score_tests wrote
@@ -152,7 +152,7 @@ def score_tests(lab: Lab, outcomes: list[CaseOutcome], hints: dict[str, str] | N
         cases = [o for o in outcomes if o.function == name]
         passed = sum(o.passed for o in cases)
         score = spec.points * passed / len(cases) if cases else 0.0
-        failures = failure_lines([o for o in cases if not o.passed]) if cases else [NOT_RUN]
+        failures = failure_lines([o for o in cases if not o.passed]) if cases else [NOT_RUN_OUTPUT]
         output = f"{passed}/{len(cases)} cases passed" if len(cases) > 1 else ""
         if failures:
             output = "\n".join([output, *failures]).strip()

@@ -7,8 +7,10 @@ from coursekit.feedback import split_hint, with_hint
 from coursekit.feedback_page import render
 from coursekit.notebook import Cell
 from coursekit.outcomes import CaseOutcome, CellError
-from coursekit.results import Results, TestResult, failure_lines
+from coursekit.results import NOT_RUN_OUTPUT, Results, TestResult, failure_lines
 from coursekit.tasks import Task
+
+from .conftest import TOY
 
 NOW = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
 TASKS = [Task("Task 1", "`double(x)`", ["test_one"]), Task("Task 2", "the `<model>`", ["test_two"])]
@@ -120,11 +122,28 @@ def test_tests_without_a_task_go_under_other_and_without_tasks_under_tests():
 
 
 def test_tests_left_out_with_only_are_not_run_not_failed():
-    page = render(_results("visible", only_tests=["test_one"]), "Lab", TASKS, now=NOW)
+    results = _results("visible", only_tests=["test_one"])
+    results.tests[1] = TestResult("test_two", 0, 2, "failed", NOT_RUN_OUTPUT, "visible")   # as score_tests writes it
+    page = render(results, "Lab", TASKS, now=NOW)
     assert "– not run" in page and "What failed" in page
     failed = page[page.index("id='failed'"):page.index("id='about'")]
     assert "test_two" not in failed and "Nothing: every test shown here passed." in failed
     assert "Not run in this grading" in page[page.index("id='about'"):]
+
+
+def test_a_submission_that_could_not_be_graded_shows_its_tests_as_not_run():
+    from coursekit.config import load_course
+    from coursekit.results import failed_results
+
+    lab = load_course(TOY / "course.yaml").lab("toy")
+    page = render(failed_results(lab, "Grading failed: the notebook's process could not start.", 0.0, {}),
+                  "Lab", [], now=NOW)
+    assert "Grading failed: the notebook&#x27;s process could not start." in page
+    tasks = page[page.index("id='tasks'"):page.index("id='failed'")]
+    shown = [name for name, spec in lab.tests.items() if spec.visibility == "visible"]
+    assert "✗ failed" not in tasks and tasks.count(", not run</span>") == len(shown)
+    assert "No test ran: see why above." in page
+    assert "Not run in this grading (the grading stopped before them)" in page
 
 
 def test_the_page_stands_alone_and_fits_a_phone():
