@@ -34,8 +34,8 @@ import socket
 import struct
 import sys
 import threading
-import traceback
 
+from coursekit.forks import ChildExits, in_fork
 from coursekit.sandbox import ORPHAN_POLL_SECONDS, die_with_parent, launch, leave_control_groups
 
 REPLY_SECONDS = 120   # for the forge to answer: it may still be importing
@@ -114,17 +114,14 @@ class Forge:
     def __init__(self, listener: socket.socket):
         self.listener = listener
         self.parent = os.getppid()
-        self.wakeup, wakeup_write = os.pipe()
-        os.set_blocking(wakeup_write, False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.set_wakeup_fd(wakeup_write)
-        self.own = [listener.fileno(), self.wakeup, wakeup_write]
+        self.exits = ChildExits()
+        self.own = [listener.fileno(), *self.exits.fds]
 
     def run(self) -> int:
         while os.getppid() == self.parent:
-            ready, _, _ = select.select([self.listener, self.wakeup], [], [], 1.0)
-            if self.wakeup in ready:
-                os.read(self.wakeup, 1 << 12)
+            ready, _, _ = select.select([self.listener, self.exits.fd], [], [], 1.0)
+            if self.exits.fd in ready:
+                self.exits.drain()
             self.reap()
             if self.listener in ready:
                 conn, _ = self.listener.accept()
@@ -167,12 +164,7 @@ class Forge:
 def _launcher(conn: socket.socket, request: dict, fds: list[int], own: list[int]) -> None:
     """In the fork: coursekit.sandbox's launcher, whose kernel is forked rather than exec'd.
     Never returns into the forge."""
-    code = 70
-    try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in own:
-            os.close(fd)
+    def work() -> int:
         forge = os.getppid()
         with open(request["plan"]) as handle:
             plan = json.load(handle)
@@ -189,21 +181,17 @@ def _launcher(conn: socket.socket, request: dict, fds: list[int], own: list[int]
 
         launch(plan, request["argv"], start=lambda: _become_kernel(conn, request, fds),
                wanted=wanted, started=started)
-    except BaseException:  # noqa: BLE001  whatever it was, this process must not return into the forge
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+        return 70   # launch() returns in neither the launcher nor the kernel
+
+    in_fork(work, own, finish=False)
 
 
 def _become_kernel(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """Inside the walls, as the student's user: what exec'ing ``python -m MODULE ARGS`` in
     the student's folder, with the student's environment and streams, would have been."""
-    import atexit
-    import runpy
+    def work() -> int:
+        import runpy
 
-    code = 1
-    try:
-        conn.close()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -221,18 +209,9 @@ def _become_kernel(conn: socket.socket, request: dict, fds: list[int]) -> None:
         sys.argv = [argv[2], *argv[3:]]
         sys.path[0] = request["cwd"]   # as `python -m` in that folder would have it
         runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # noqa: BLE001
-        traceback.print_exc()
-    finally:
-        try:
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        return 0
+
+    in_fork(work, [conn.detach()])
 
 
 def _send(conn: socket.socket, message: dict) -> None:

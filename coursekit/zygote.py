@@ -23,7 +23,6 @@ from the zygote, which holds the grader's engine and the suites' imports.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import select
@@ -31,9 +30,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
+from coursekit.forks import ChildExits, in_fork
 from coursekit.isolation import remove_scratch, scratch_dir
 
 
@@ -43,18 +42,14 @@ class Zygote:
         self.pending = b""
         self.pipes: dict[int, int] = {}      # worker id -> write end of its stdin
         self.pids: dict[int, int] = {}       # pid -> worker id
-        # A worker's exit wakes the loop at once (the batch is waiting for it).
-        self.wakeup, wakeup_write = os.pipe()
-        os.set_blocking(wakeup_write, False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.set_wakeup_fd(wakeup_write)
-        self.own = [self.requests, self.replies, self.wakeup, wakeup_write]
+        self.exits = ChildExits()   # a worker's exit wakes the loop at once (the batch is waiting for it)
+        self.own = [self.requests, self.replies, *self.exits.fds]
 
     def run(self) -> int:
         while True:
-            ready, _, _ = select.select([self.requests, self.wakeup], [], [], 1.0)
-            if self.wakeup in ready:
-                os.read(self.wakeup, 1 << 12)
+            ready, _, _ = select.select([self.requests, self.exits.fd], [], [], 1.0)
+            if self.exits.fd in ready:
+                self.exits.drain()
             self.reap()
             if self.requests not in ready:
                 continue
@@ -123,12 +118,7 @@ class Zygote:
 
 def _become_worker(stdin: int, inherited: list[int]) -> None:
     """In the fork: shed the zygote's pipes, serve one submission, never return."""
-    code = 70
-    try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in inherited:
-            os.close(fd)
+    def work() -> int:
         os.dup2(stdin, 0)
         os.close(stdin)
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -138,18 +128,9 @@ def _become_worker(stdin: int, inherited: list[int]) -> None:
 
         exit_with_parent()
         with os.fdopen(0, "r", closefd=False) as lines:
-            code = serve(lines)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001  whatever it was, this process must not return into the zygote
-        traceback.print_exc()
-    finally:
-        try:
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+            return serve(lines)
+
+    in_fork(work, inherited)
 
 
 def _write_all(fd: int, text: str) -> None:
