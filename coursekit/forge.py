@@ -238,8 +238,9 @@ def serve(path: str, imports: str) -> int:
         return 0
     # Listening before the imports: a kernel asked for meanwhile waits for them, not for a timeout.
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(path + ".new")
     listener.listen(64)
+    os.rename(path + ".new", path)   # the name appears once it listens: coursekit.zygote waits for it
     import ipykernel.ipkernel  # noqa: F401
     import ipykernel.kernelapp  # noqa: F401
 

@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from coursekit.forks import ChildExits, in_fork
@@ -178,7 +179,10 @@ def main(kernel_imports: str, suite_dirs: list[str]) -> int:
         shutil.rmtree(folder, ignore_errors=True)   # only the zygote gets here: its forks never return
 
 
-def start_forge(folder: str, kernel_imports: str) -> None:
+FORGE_START_SECONDS = 30   # without a forge listening by then, kernels start afresh
+
+
+def start_forge(folder: str, kernel_imports: str) -> subprocess.Popen:
     """The batch's kernels are forked from a forge (coursekit.forge), a child of this process
     that ends with it, started with an environment as bare as a student's."""
     from coursekit.isolation import use_forge
@@ -188,10 +192,16 @@ def start_forge(folder: str, kernel_imports: str) -> None:
     # Its imports may read these at import time (matplotlib's cache, Hugging Face's home):
     # a folder of the forge's own, which no kernel needs to write.
     env = student_environment(Path(folder), Path(folder))
-    subprocess.Popen([sys.executable, "-m", "coursekit.forge", "serve", path, kernel_imports], cwd=folder, env=env,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
-    use_forge(path)
+    forge = subprocess.Popen([sys.executable, "-m", "coursekit.forge", "serve", path, kernel_imports], cwd=folder,
+                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    # Kernels are sent to it once it listens (it does so before its imports: a fraction of a second).
+    deadline = time.monotonic() + FORGE_START_SECONDS
+    while not os.path.exists(path) and forge.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if os.path.exists(path):
+        use_forge(path)
+    return forge
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The student's process seen from the grader, without pytest in between."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -9,22 +10,29 @@ import torch
 
 from coursekit.notebook import Cell
 from coursekit.proxy import Student
-from coursekit.kernel import StudentKernel
+from coursekit.kernel import KernelTimeout, StudentKernel
 from coursekit.session import (_RUNTIME_BOOT, GradingSession, StudentTimeout, make_workdir,
                                student_environment)
 
+from .test_hostile import sandbox_contains
+
 
 @pytest.fixture
-def session():
-    workdir = make_workdir()
+def workdir():
+    path = make_workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def session(workdir):
     s = GradingSession([Cell(1, "import torch")], workdir, student_environment(Path("data"), workdir), 300)
     s.ensure_running()
     yield s
     s.close()
 
 
-def test_printing_gigabytes_reaches_the_grader_as_a_megabyte():
-    workdir = make_workdir()
+def test_printing_gigabytes_reaches_the_grader_as_a_megabyte(workdir):
     kernel = StudentKernel(str(workdir), student_environment(Path("data"), workdir))
     try:
         kernel.start()
@@ -36,6 +44,42 @@ def test_printing_gigabytes_reaches_the_grader_as_a_megabyte():
     assert 2**20 <= received < 2 * 2**20, f"the grader received {received} characters of output"
 
 
+def _kernel_command_and_interrupt() -> str:
+    """Start a kernel as grading does, read what its process is, and interrupt a loop in it:
+    the kernel must survive the interrupt and go on answering."""
+    workdir = make_workdir()
+    kernel = StudentKernel(str(workdir), student_environment(Path("data"), workdir))
+    try:
+        kernel.start()
+        command = kernel.execute("print(open('/proc/self/cmdline').read().replace(chr(0), ' '))", timeout=60).output
+        with pytest.raises(KernelTimeout):
+            kernel.execute("while True:\n    pass", timeout=2)
+        assert kernel.execute("print(6 * 7)", timeout=30).output.strip() == "42"
+        return command
+    finally:
+        kernel.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_kernels_are_forked_from_the_forge_and_start_afresh_without_it(tmp_path):
+    from coursekit.isolation import use_forge
+    from coursekit.zygote import start_forge
+
+    if sandbox_contains():
+        pytest.skip("kernels are forked only where the sandbox's namespaces can be built")
+    folder = tmp_path / "forge"
+    folder.mkdir(mode=0o700)
+    forge = start_forge(str(folder), "[]")
+    try:
+        assert "coursekit.forge serve" in _kernel_command_and_interrupt()
+        use_forge(str(folder / "gone.sock"))   # a forge that is not there: the kernel starts afresh
+        assert "ipykernel_launcher" in _kernel_command_and_interrupt()
+    finally:
+        use_forge(None)
+        forge.kill()
+        forge.wait()
+
+
 def test_the_student_process_has_its_own_environment(session):
     student = Student(session)
     env = student.lib("os.environ.copy")()
@@ -43,9 +87,8 @@ def test_the_student_process_has_its_own_environment(session):
     assert not any(k.startswith(("PYTEST", "COURSE_YAML")) for k in env)
 
 
-def test_tf32_is_off_in_the_student_process_whatever_the_image_says(monkeypatch):
+def test_tf32_is_off_in_the_student_process_whatever_the_image_says(monkeypatch, workdir):
     monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")  # as NGC images may set it
-    workdir = make_workdir()
     s = GradingSession([Cell(1, "import torch")], workdir, student_environment(Path("data"), workdir), 300)
     try:
         student = Student(s)
