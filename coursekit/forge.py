@@ -33,6 +33,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 
 from coursekit.forks import ChildExits, in_fork
@@ -200,6 +201,10 @@ def _become_kernel(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
+        # What the forge's imports derived from its own environment and kept: the temporary folder
+        # (peft asks for it at import) must be the student's again, not the forge's, which the
+        # student cannot see.
+        tempfile.tempdir = None
         threads = request["env"].get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:
             import torch

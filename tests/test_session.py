@@ -52,6 +52,9 @@ def _kernel_command_and_interrupt() -> str:
     try:
         kernel.start()
         command = kernel.execute("print(open('/proc/self/cmdline').read().replace(chr(0), ' '))", timeout=60).output
+        # The student's temporary folder, whatever the forge's imports cached (peft asks for it at import).
+        made = kernel.execute("import tempfile; print(tempfile.mkdtemp())", timeout=60)
+        assert made.status == "ok" and made.output.startswith(str(workdir)), made
         with pytest.raises(KernelTimeout):
             kernel.execute("while True:\n    pass", timeout=2)
         assert kernel.execute("print(6 * 7)", timeout=30).output.strip() == "42"
@@ -69,7 +72,7 @@ def test_kernels_are_forked_from_the_forge_and_start_afresh_without_it(tmp_path)
         pytest.skip("kernels are forked only where the sandbox's namespaces can be built")
     folder = tmp_path / "forge"
     folder.mkdir(mode=0o700)
-    forge = start_forge(str(folder), "[]")
+    forge = start_forge(str(folder), '[["peft", null]]')
     try:
         assert "coursekit.forge serve" in _kernel_command_and_interrupt()
         use_forge(str(folder / "gone.sock"))   # a forge that is not there: the kernel starts afresh
