@@ -228,8 +228,8 @@ def check_grades(course: Course, labs: list[Lab], workers: int, report=print) ->
 def record_timings(lab: Lab, results: Results | None) -> str:
     """What the reference needs (its slowest graded cell, each test), from which the
     lab's default cell and test limits derive (coursekit.config.derived_limit). Written
-    only when the limits it gives differ from the recorded ones: a moved limit regrades
-    every submission of the lab."""
+    only when a limit it gives moves by more than LIMIT_MOVES from the recorded one (or
+    the tests change): a moved limit regrades every submission of the lab."""
     if not results:
         return ""
     timings = {"slowest_cell_seconds": results.timings.get("slowest_cell", 0.0),
@@ -241,7 +241,7 @@ def record_timings(lab: Lab, results: Results | None) -> str:
         return (derived_limit(recorded["slowest_cell_seconds"]),
                 sorted((name, derived_limit(s)) for name, s in recorded["tests"].items()))
     try:
-        if limits(json.loads(path.read_text(encoding="utf-8"))) == limits(timings):
+        if not _moved(limits(json.loads(path.read_text(encoding="utf-8"))), limits(timings)):
             return ""
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
@@ -250,6 +250,19 @@ def record_timings(lab: Lab, results: Results | None) -> str:
     return (f"{lab.id}: recorded what the reference needs in {path.relative_to(lab.root)}: cell limit "
             f"{cell:g} s, test limits {min(t for _, t in tests):g}-{max(t for _, t in tests):g} s "
             "(course.yaml's limits and timeouts override them)")
+
+
+# How far a derived limit must move before the recorded timings are rewritten (and the lab regraded):
+# one measurement of a slow test against the next differs by 10-20% on a busy machine.
+LIMIT_MOVES = 1.25
+
+
+def _moved(recorded: tuple, measured: tuple) -> bool:
+    (cell, tests), (new_cell, new_tests) = recorded, measured
+    if [name for name, _ in tests] != [name for name, _ in new_tests]:
+        return True
+    pairs = [(cell, new_cell), *((a, b) for (_, a), (_, b) in zip(tests, new_tests))]
+    return any(max(a, b) > LIMIT_MOVES * min(a, b) for a, b in pairs)
 
 
 def run_checks(course: Course, labs: list[Lab], workers: int = 1, report=print) -> list[str]:
