@@ -449,7 +449,6 @@ def _grade_on_node(course_yaml: str, lab_id: str, notebook: bytes, extra: dict) 
     and hand back what the worker wrote."""
     import ray
 
-
     where = f"Ray node {ray.get_runtime_context().get_node_id()[:12]} ({socket.gethostname()})"
     try:
         course = load_course(course_yaml)
@@ -464,7 +463,13 @@ def _grade_on_node(course_yaml: str, lab_id: str, notebook: bytes, extra: dict) 
         # or limits than the driver's would file a wrong grade as right.
         if submission_key(lab, notebook_path) != extra.get("key"):
             return f"{where} has another version of the course at {course.root} than the machine grading the batch", {}
-        problem = LocalRunner().run(Job(course, lab, notebook_path, folder, extra, threads=math.ceil(lab.limits.cpus)))
+        # Closed here, not when Ray retires this worker process: its zygote and forge would stay
+        # alive (a gigabyte of memory) until then, and a worker killed by Ray leaves their folders.
+        runner = LocalRunner()
+        try:
+            problem = runner.run(Job(course, lab, notebook_path, folder, extra, threads=math.ceil(lab.limits.cpus)))
+        finally:
+            runner.close()
         files = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
     files[LOG_FILE] = f"graded on {where}\n".encode() + files.get(LOG_FILE, b"")
     return problem, files

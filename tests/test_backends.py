@@ -269,6 +269,16 @@ def test_ray_grades_as_the_local_runner_does(ray_graded, toy_course):
     assert all(line.startswith("graded on Ray node ") for line in logs) and logs[0] != logs[1]
 
 
+def test_a_node_keeps_no_grader_processes_once_its_task_is_done(ray_graded):
+    """Ray keeps its worker processes for later tasks: a task's zygote and forge end with the task."""
+    from tests.test_orphans import parent, processes
+
+    left = [pid for pid in processes("coursekit.zygote") | processes("coursekit.forge\0serve")
+            if b"ray" in Path(f"/proc/{parent(pid)}/cmdline").read_bytes().lower()
+            or b"ray" in Path(f"/proc/{parent(parent(pid))}/cmdline").read_bytes().lower()]
+    assert not left, f"grader processes left in Ray's workers: {left}"
+
+
 def test_ray_batch_resumes_without_regrading(ray_graded, toy_course):
     runner, submissions, rows, folder = ray_graded
     before = {name: (folder / "ray" / name / RESULTS_FILE).stat().st_mtime_ns for name in ("alice", "bob")}
