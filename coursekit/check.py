@@ -23,11 +23,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import nbformat
-
 from coursekit.batch import Submission, grade_batch
 from coursekit.config import TIMINGS_FILE, Course, Lab, derived_limit
-from coursekit.notebook import HINTS_FILE
+from coursekit.notebook import HINTS_FILE, nbformat  # nbformat through notebook.py: see why there
 from coursekit.public import copied_tests
 from coursekit.release import EXAMPLES, OUTPUT_FOLDERS, generate, write_hints, write_tasks
 from coursekit.results import RESULTS_FILE, Results, read_results, write_atomic

@@ -17,10 +17,9 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-import nbformat
-
 from coursekit.config import Course, Lab
 from coursekit.late import DAY, Lateness
+from coursekit.notebook import nbformat  # through notebook.py: see why there
 from coursekit.release import put_nbgrader_tools_on_path
 from coursekit.results import Results
 

@@ -13,7 +13,8 @@ import sys
 # nbformat imports jsonschema to validate notebooks, and jsonschema imports rfc3987_syntax where it is
 # installed (JupyterLab's dependencies bring it), which builds a grammar's parser at import: 1.3 s of
 # CPU in every grader process that reads a notebook, for the "iri" string formats, which no notebook
-# schema uses. Marking it absent (before nbformat) makes jsonschema leave those two formats out.
+# schema uses. Marking it absent (before nbformat) makes jsonschema leave those two formats out; so
+# that it always comes first, the engine's other modules import nbformat from here.
 sys.modules.setdefault("rfc3987_syntax", None)
 
 import nbformat  # noqa: E402

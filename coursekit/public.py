@@ -19,10 +19,9 @@ import json
 import shutil
 from pathlib import Path
 
-import nbformat
-
 from coursekit.config import ConfigError, Lab
-from coursekit.notebook import SKIPPED_TAGS, defined_names, statement_names, task_heading
+# nbformat through notebook.py: see why there
+from coursekit.notebook import SKIPPED_TAGS, defined_names, nbformat, statement_names, task_heading
 from coursekit.results import write_atomic
 
 GRADED_NAMES_FILE = "graded-names.json"

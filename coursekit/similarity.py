@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import nbformat
 from tqdm import tqdm
 
 from coursekit.config import Lab
 from coursekit.export import graded_results
-from coursekit.notebook import SubmissionError, graded_cells, read_notebook
+from coursekit.notebook import SubmissionError, graded_cells, nbformat, read_notebook  # nbformat: see notebook.py
 
 if TYPE_CHECKING:
     import numpy as np

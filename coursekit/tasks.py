@@ -17,9 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nbformat
-
-from coursekit.notebook import task_heading
+from coursekit.notebook import nbformat, task_heading  # nbformat: see notebook.py
 
 TASKS_FILE = "tasks.json"
 

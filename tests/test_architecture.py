@@ -63,3 +63,18 @@ def test_the_batch_side_loads_neither_torch_nor_jupyter_client():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout
     assert out.strip() == "[]", f"importing the batch side loaded {out.strip()}"
+
+
+def test_the_engine_reads_notebooks_without_building_an_unused_uri_parser():
+    """nbformat's validator brings jsonschema, which builds rfc3987_syntax's grammar at import
+    (over a second of CPU per grader process) unless coursekit.notebook has marked it absent
+    first: every other module takes nbformat from there, so that no import order can skip it."""
+    direct = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "notebook"
+                    and any(isinstance(node, ast.Import) and any(a.name.split(".")[0] == "nbformat" for a in node.names)
+                            or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nbformat"
+                            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))))
+    assert direct == [], f"these modules import nbformat themselves: {direct}"
+    code = "import sys, coursekit.check\nprint(sys.modules.get('rfc3987_syntax', 'absent'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == "None", f"rfc3987_syntax was {out.strip()} after importing the engine"
