@@ -90,7 +90,8 @@ MUTANTS = [
     Mutant(
         name="encoder_detached",
         why="The encoder's output is detached (a frozen encoder): only the head learns, and the "
-            "end-to-end run stays well under the threshold (0.64 here against 0.79 for the reference).",
+            "end-to-end run stays well under the threshold ([CLS] pooling: 0.48-0.63 over four seeds, against "
+            "0.77-0.79 for the reference).",
         patches=[("hidden = self.encoder(**inputs).last_hidden_state",
                   "hidden = self.encoder(**inputs).last_hidden_state.detach()")],
         loses=["test_classifier_gradients", "test_end_to_end_finetuning"],

@@ -661,24 +661,33 @@ def _encode(tok, group, max_length):
 
 
 def test_end_to_end_finetuning(student, device, lab_settings, data_dir):
+    # Sized to grade in a few seconds while still separating a classifier that learns from one that
+    # does not. With the settings in course.yaml (384 phrases, the 256 shortest validation sentences,
+    # [CLS] pooling), over four seeds of shuffling, head and dropout: the reference 0.766-0.793, a
+    # frozen encoder 0.477-0.625, a schedule that never leaves warm-up 0.50. [CLS] rather than mean
+    # pooling because all-MiniLM-L6-v2 was trained for mean pooling: its frozen mean vector already
+    # carries sentiment, its frozen [CLS] vector far less, so only fine-tuning the encoder passes.
     settings = dict(lab_settings)
-    n_train = int(settings.get("e2e_train_examples", 1024))
-    n_val = int(settings.get("e2e_validation_examples", 872))
+    n_train = int(settings.get("e2e_train_examples", 384))
+    n_val = int(settings.get("e2e_validation_examples", 256))
     threshold = float(settings.get("e2e_min_accuracy", 0.70))
-    pooling = str(settings.get("e2e_pooling", "mean"))
+    pooling = str(settings.get("e2e_pooling", "cls"))
     seed = 0
     tok = grader_tokenizer()
     train = _read_sst2(data_dir, "train")
     random.Random(seed).shuffle(train)
     train_loader = _length_grouped_batches(tok, train[:n_train], 32, 64, seed)
-    val = sorted(_read_sst2(data_dir, "validation")[:n_val], key=lambda e: len(e[0]))
+    val = sorted(_read_sst2(data_dir, "validation"), key=lambda e: len(e[0]))[:n_val]
     val_batches = [_encode(tok, val[i:i + 64], 64) for i in range(0, len(val), 64)]
 
     student.lib("torch.manual_seed")(seed)
     encoder = student.lib("transformers.AutoModel.from_pretrained").keep(str(MODEL_DIR))
     model = student.SentimentClassifier(encoder, num_labels=2, dropout=0.1, pooling=pooling)
     model.to(device)
-    groups = [{"params": model.encoder.parameters.keep(), "lr": 1e-4},
+    # The word-embedding table is 11.7M of the encoder's 22.7M parameters; freezing it, as is common
+    # when fine-tuning on little data, halves AdamW's work and leaves every transformer layer trained.
+    model.encoder.embeddings.word_embeddings.requires_grad_.keep(False)
+    groups = [{"params": model.encoder.parameters.keep(), "lr": 3e-4},
               {"params": model.classifier.parameters.keep(), "lr": 3e-3}]
     optimizer = student.lib("torch.optim.AdamW").keep(groups, weight_decay=0.01)
     steps = len(train_loader)
@@ -702,5 +711,6 @@ def test_end_to_end_finetuning(student, device, lab_settings, data_dir):
     accuracy = correct / len(val)
     assert accuracy >= threshold, (
         f"after fine-tuning all-MiniLM-L6-v2 for one epoch on {n_train} SST-2 phrases with your classifier "
-        f"({pooling!r} pooling) and your train_one_epoch, validation accuracy is {accuracy:.3f}; "
+        f"({pooling!r} pooling) and your train_one_epoch, accuracy on the {n_val} shortest validation "
+        f"sentences is {accuracy:.3f}; "
         f"at least {threshold:.2f} is expected")
