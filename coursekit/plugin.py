@@ -46,7 +46,7 @@ class GradingPlugin:
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         # A case's time is its own: not the kernel's start or the notebook's run it waited for.
-        self._started[item.nodeid] = time.monotonic() + self.session.log.wait_seconds
+        self._started[item.nodeid] = time.monotonic() - self.session.log.wait_seconds
         if time.monotonic() >= self.session.submission_deadline:
             self.session.log.limits_fired["submission_seconds"] += 1
             pytest.fail("not run: the submission's total time limit had already run out", pytrace=False)
@@ -69,8 +69,8 @@ class GradingPlugin:
         report = (yield).get_result()
         # One outcome per case: the call phase, or the setup phase when it failed or skipped.
         if report.when == "call" or (report.when == "setup" and not report.passed):
-            seconds = (time.monotonic() + self.session.log.wait_seconds
-                       - self._started.get(item.nodeid, time.monotonic() + self.session.log.wait_seconds))
+            now = time.monotonic() - self.session.log.wait_seconds
+            seconds = now - self._started.get(item.nodeid, now)
             if report.skipped:
                 message = "not run: " + _skip_reason(report)
             elif report.failed:

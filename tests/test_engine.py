@@ -70,6 +70,18 @@ def test_a_crash_fails_its_test_and_the_process_is_restarted(graded_toy):
     assert "restarted" in results["output"]
 
 
+def test_a_tests_seconds_leave_out_the_restart_it_waited_for(graded_toy):
+    # test_double's first case waits for the restart after the crash (a kernel start and the
+    # notebook's run again); its three cases themselves take milliseconds. Counting the wait in
+    # (once or, as a sign error once did, twice) inflated the reference timings the limits derive from.
+    _, results, _ = graded_toy
+    timings = results["extra_data"]["seconds"]
+    # The kernel started and the notebook ran twice: at the start and after the crash.
+    restart = (timings["startup"] + timings["notebook"]) / 2
+    double = _test(results, "test_double")["extra_data"]["seconds"]
+    assert double < restart / 2, (double, timings)
+
+
 def test_missing_name_is_explained(graded_toy):
     _, results, _ = graded_toy
     output = _test(results, "test_missing_function")["output"]
