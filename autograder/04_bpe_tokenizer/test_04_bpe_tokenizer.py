@@ -24,6 +24,7 @@ import importlib.util
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,32 @@ def shakespeare(data_dir) -> str:
     return (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=4)
-def reference_shakespeare(text: str, vocab_size: int):
-    return ref.reference_train_bpe(text, vocab_size)
+@dataclass(frozen=True)
+class ShakespeareRun:
+    result: object             # what the student's train_bpe returned
+    seconds: float             # the wall time of that remote call
+    reference: tuple           # the reference trainer's (vocab, merges)
+    reference_seconds: float   # its time, averaged over a run right before and one right after
+
+
+def shakespeare_run(student, text: str, vocab_size: int) -> ShakespeareRun:
+    """The student's train_bpe on Tiny Shakespeare, timed between two timed runs of the reference
+    trainer, done once and shared by the merges and the speed tests (each run takes about a second).
+    Kept per student process: after a restart the next test runs it again."""
+    def run() -> ShakespeareRun:
+        train_bpe = student.train_bpe  # looked up before the clock starts
+        began = time.perf_counter()
+        expected = ref.reference_train_bpe(text, vocab_size)
+        call_began = time.perf_counter()
+        result = train_bpe(text, vocab_size, [])
+        seconds = time.perf_counter() - call_began
+        before = call_began - began
+        after_began = time.perf_counter()
+        ref.reference_train_bpe(text, vocab_size)
+        after = time.perf_counter() - after_began
+        return ShakespeareRun(result, seconds, expected, (before + after) / 2)
+
+    return student.kept(f"train_bpe(Tiny Shakespeare, {vocab_size})", run)
 
 
 def as_bytes_pair(pair):
@@ -293,8 +317,9 @@ def test_train_vocab_size_too_small(student, vocab_size, specials, raises):
 
 def test_train_tinyshakespeare_merges(student, lab_settings, shakespeare):
     vocab_size = int(lab_settings["speed_vocab_size"])
-    vocab, merges = train(student, shakespeare, vocab_size)
-    ref_vocab, ref_merges = reference_shakespeare(shakespeare, vocab_size)
+    run = shakespeare_run(student, shakespeare, vocab_size)
+    vocab, merges = check_train_result(run.result, "train_bpe")
+    ref_vocab, ref_merges = run.reference
     assert_same_merges(merges, ref_merges, f"train_bpe(Tiny Shakespeare, {vocab_size})")
     assert vocab == ref_vocab, f"train_bpe(Tiny Shakespeare, {vocab_size}): the vocab differs from the reference's"
 
@@ -303,30 +328,17 @@ def test_train_tinyshakespeare_speed(student, lab_settings, shakespeare):
     vocab_size = int(lab_settings["speed_vocab_size"])
     factor = float(lab_settings["speed_factor"])
     floor = float(lab_settings["speed_floor_seconds"])
-    text = shakespeare
-    train_bpe = student.train_bpe  # looked up before the clock starts
+    run = shakespeare_run(student, shakespeare, vocab_size)
+    budget = max(factor * run.reference_seconds, floor)
 
-    def time_reference() -> float:
-        began = time.perf_counter()
-        ref.reference_train_bpe(text, vocab_size)
-        return time.perf_counter() - began
-
-    before = time_reference()
-    call_began = time.perf_counter()
-    result = train_bpe(text, vocab_size, [])
-    seconds = time.perf_counter() - call_began
-    after = time_reference()
-    reference_seconds = (before + after) / 2  # the reference timed on both sides of the call
-    budget = max(factor * reference_seconds, floor)
-
-    _, merges = check_train_result(result, "train_bpe")
-    _, ref_merges = reference_shakespeare(text, vocab_size)
+    _, merges = check_train_result(run.result, "train_bpe")
+    _, ref_merges = run.reference
     assert merges == ref_merges, (
         "the speed test only counts a correct result: your merges on Tiny Shakespeare differ from the "
         "reference's (see test_train_tinyshakespeare_merges)")
-    assert seconds <= budget, (
-        f"train_bpe(Tiny Shakespeare, {vocab_size}) took {seconds:.1f} s; the budget in this run was "
-        f"{budget:.1f} s ({factor:g}x the reference trainer's {reference_seconds:.2f} s). Update the pair "
+    assert run.seconds <= budget, (
+        f"train_bpe(Tiny Shakespeare, {vocab_size}) took {run.seconds:.1f} s; the budget in this run was "
+        f"{budget:.1f} s ({factor:g}x the reference trainer's {run.reference_seconds:.2f} s). Update the pair "
         "counts incrementally (only the words that contain the merged pair change) instead of "
         "recounting every pair after every merge")
 
