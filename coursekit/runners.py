@@ -90,6 +90,7 @@ class LocalRunner(Runner):
         self._lock = threading.Lock()
         self._queue: list[Job] = []
         self._given = 0   # jobs handed a worker so far
+        self._imports: dict[str, list] = {}   # per lab, what its notebook imports: read once per batch
 
     def expect(self, jobs: list[Job]) -> None:
         self._queue, self._given = list(jobs), 0
@@ -112,7 +113,8 @@ class LocalRunner(Runner):
             if self._zygote is None:
                 labs = {j.lab.id: j.lab for j in [job, *self._queue]}
                 suites = sorted(str(lab.suite_dir) for lab in labs.values())
-                kernel_imports = sorted({pair for lab in labs.values() for pair in lab_imports(lab)}, key=str)
+                self._imports = {lab_id: lab_imports(lab) for lab_id, lab in labs.items()}
+                kernel_imports = sorted({pair for pairs in self._imports.values() for pair in pairs}, key=str)
                 self._zygote = ZygoteClient(worker_env(job.threads), kernel_imports, suites)
             worker = self._pool.pop(0) if self._pool else self._spawn(job)
             self._given += 1
@@ -124,8 +126,11 @@ class LocalRunner(Runner):
     def _spawn(self, job: Job) -> int:
         """A worker told which submission to expect, so that it starts that one's kernel; a
         worker handed another (workers finishing out of order) starts a fresh one instead."""
+        imports = self._imports.get(job.lab.id)
+        if imports is None:
+            imports = self._imports[job.lab.id] = lab_imports(job.lab)
         prepare = {"course": str(job.course.path), "lab": job.lab.id, "device": job.course.device,
-                   "private": [str(p) for p in job.private]}
+                   "private": [str(p) for p in job.private], "imports": imports}
         return self._zygote.spawn(json.dumps({"prepare": prepare}))
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ import pytest
 
 from coursekit.batch import submissions_root
 from coursekit.config import DEVICE_POLICIES, Course, Lab, load_course
-from coursekit.notebook import SubmissionError, graded_cells, lab_imports, read_notebook, skipped_cells, suite_hints
+from coursekit.notebook import SubmissionError, graded_cells, read_notebook, skipped_cells, suite_hints
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
@@ -84,18 +84,20 @@ def start_ahead(spec: dict) -> StudentProcess | None:
         process = student_process(course, lab, [Path(p) for p in spec["private"]])
         process.kernel = start_kernel(process.workdir, student_environment(course.root / "data", process.workdir),
                                       {"plan": process.plan})
-        process.kernel.execute(preimport_code(lab), timeout=120)
+        process.kernel.execute(preimport_code(spec["imports"]), timeout=120)
         return process
     except Exception:  # noqa: BLE001  the usual path reports whatever this hit
         return None
 
 
-def preimport_code(lab: Lab) -> str:
+def preimport_code(imports: list) -> str:
     """For a kernel started ahead, while it waits: the imports the lab's own notebook makes
-    (the instructor's notebook, not the student's), so that the submission's first cell
-    finds torch, transformers and the rest loaded. Nothing else of the namespace changes."""
+    (`notebook.lab_imports`: the instructor's notebook, not the student's, read once per batch
+    by the runner), so that the submission's first cell finds torch, transformers and the rest
+    loaded. Nothing else of the namespace changes."""
+    pairs = [(str(module), None if name is None else str(name)) for module, name in imports]
     # An expression, not a statement: the student's namespace gains no name.
-    return f"__import__('coursekit.preload').preload.preload({lab_imports(lab)!r})"
+    return f"__import__('coursekit.preload').preload.preload({pairs!r})"
 
 
 @contextmanager

@@ -53,9 +53,10 @@ def test_a_kernel_started_ahead_loads_the_labs_imports_and_nothing_else():
     import sys
 
     from coursekit.config import load_course
+    from coursekit.notebook import lab_imports
     from coursekit.worker import preimport_code
 
-    code = preimport_code(load_course().lab("01_attention"))
+    code = preimport_code(lab_imports(load_course().lab("01_attention")))
     # In a fresh interpreter, as in the kernel: the lab notebook's modules are loaded, and the
     # namespace the student's cells will run in gains no name.
     probe = (f"import sys\nbefore = set(globals())\n{code}\n"
