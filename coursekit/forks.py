@@ -1,6 +1,6 @@
 """What the two processes that fork others share (coursekit.zygote, coursekit.forge):
-waking up when a child exits, and running a fork's work without ever returning into
-the forking process's own code."""
+waking up when a child exits, running a fork's work without ever returning into the
+forking process's own code, and exiting without the interpreter's teardown."""
 from __future__ import annotations
 
 import atexit
@@ -43,10 +43,19 @@ def in_fork(work: Callable[[], int], inherited: list[int], finish: bool = True) 
     except BaseException:  # noqa: BLE001  whatever it was, this process must not return into its parent's code
         traceback.print_exc()
     finally:
-        try:
-            if finish:
-                atexit._run_exitfuncs()
-                sys.stdout.flush()
-                sys.stderr.flush()
-        finally:
-            os._exit(code)
+        if finish:
+            exit_now(code)
+        os._exit(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit as the interpreter would (atexit handlers run, streams flushed) but without its
+    teardown of every module, which takes about a second once torch and transformers are
+    loaded: a batch waits for that at its end (the zygote), a worker started afresh per
+    submission (Docker, Ray)."""
+    try:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
 from coursekit.isolation import Isolation, protect, sandbox_plan, scratch_dir, student_isolation
+from coursekit.forks import exit_now
 from coursekit.kernel import StudentKernel
 from coursekit.session import GradingSession, make_workdir, start_kernel, student_environment
 
@@ -229,4 +229,4 @@ def exit_with_parent() -> None:
 
 if __name__ == "__main__":
     exit_with_parent()
-    sys.exit(main())
+    exit_now(main())

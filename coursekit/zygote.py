@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from coursekit.forks import ChildExits, in_fork
+from coursekit.forks import ChildExits, exit_now, in_fork
 from coursekit.isolation import remove_scratch, scratch_dir
 
 
@@ -205,4 +205,4 @@ def start_forge(folder: str, kernel_imports: str) -> subprocess.Popen:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    exit_now(main(sys.argv[1], sys.argv[2:]))
