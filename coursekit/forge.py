@@ -26,6 +26,7 @@ starts for the kernel, which stands in for it (see relay).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -259,6 +260,7 @@ def serve(path: str, imports: str) -> int:
         # as every fork of coursekit.zygote relies on too.)
         print("coursekit.forge: an import started a thread; kernels are not forked", file=sys.stderr)
         return 3
+    gc.freeze()   # see coursekit.zygote: the same holds for every kernel forked from here
     return Forge(listener).run()
 
 

@@ -126,6 +126,9 @@ def run_suite(lab: Lab, run: GradingSession, device: str, suite_dir: Path, only:
     try:
         pytest.main([str(suite_dir), "-c", str(ini), "--rootdir", str(suite_dir), "-q",
                      "-p", "no:cacheprovider", "--assert=plain", "--import-mode=importlib",
+                     # Its end of session runs the garbage collector again and again, to report
+                     # exceptions raised in finalizers: the grader has none to report.
+                     "-p", "no:unraisableexception",
                      # One line per failure in grader.log: a full traceback parses the suite's source for
                      # every failed case (seconds for a stub), and the student's message comes from the
                      # exception itself (coursekit.plugin.student_message).
