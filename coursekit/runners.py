@@ -115,7 +115,8 @@ class LocalRunner(Runner):
                 suites = sorted(str(lab.suite_dir) for lab in labs.values())
                 self._imports = {lab_id: lab_imports(lab) for lab_id, lab in labs.items()}
                 kernel_imports = sorted({pair for pairs in self._imports.values() for pair in pairs}, key=str)
-                self._zygote = ZygoteClient(worker_env(job.threads), kernel_imports, suites)
+                self._zygote = ZygoteClient(worker_env(job.threads), kernel_imports, suites,
+                                            (str(job.course.root), job.course.student_user))
             worker = self._pool.pop(0) if self._pool else self._spawn(job)
             self._given += 1
             upcoming = self._given + len(self._pool)
@@ -152,8 +153,10 @@ class ZygoteClient:
     """The batch's side of coursekit.zygote: ask for workers, hand each its job, learn
     how each ended. Workers are numbered here; their exits come back on a reader thread."""
 
-    def __init__(self, env: dict[str, str], kernel_imports: list, suite_dirs: list[str]):
-        self._process = subprocess.Popen([sys.executable, "-m", "coursekit.zygote", json.dumps(kernel_imports), *suite_dirs],
+    def __init__(self, env: dict[str, str], kernel_imports: list, suite_dirs: list[str], student: tuple[str, str]):
+        """`student`: the course's root and its student user, whom the zygote probes once for all workers."""
+        self._process = subprocess.Popen([sys.executable, "-m", "coursekit.zygote", json.dumps(kernel_imports),
+                                          json.dumps(list(student)), *suite_dirs],
                                          stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self._write = threading.Lock()

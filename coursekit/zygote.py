@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from coursekit.forks import ChildExits, exit_now, in_fork
-from coursekit.isolation import remove_scratch, scratch_dir
+from coursekit.isolation import remove_scratch, scratch_dir, student_isolation
 
 
 class Zygote:
@@ -156,7 +156,7 @@ def preimport(suite_dirs: list[str]) -> None:
                 continue
 
 
-def main(kernel_imports: str, suite_dirs: list[str]) -> int:
+def main(kernel_imports: str, student: str, suite_dirs: list[str]) -> int:
     # Replies go out on a copy of stdout; fd 1 itself goes to stderr, so that nothing an
     # import prints can be taken for a reply.
     replies = os.dup(1)
@@ -171,6 +171,10 @@ def main(kernel_imports: str, suite_dirs: list[str]) -> int:
         import coursekit.worker  # noqa: F401
 
         preimport(suite_dirs)
+        # Whether students can run as the course's student user is probed once here, for every
+        # worker to inherit (each probed it for itself: a sandboxed interpreter, 0.25 s).
+        course_root, student_user = json.loads(student)
+        student_isolation(Path(course_root), student_user)
         # What is imported lives as long as the process: out of the collector's sight, a worker's
         # collections no longer walk it (pytest's end of session alone collected 0.3 s of it per
         # submission) nor dirty its shared pages.
@@ -210,4 +214,4 @@ def start_forge(folder: str, kernel_imports: str) -> subprocess.Popen:
 
 
 if __name__ == "__main__":
-    exit_now(main(sys.argv[1], sys.argv[2:]))
+    exit_now(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
