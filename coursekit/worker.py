@@ -129,6 +129,9 @@ def run_suite(lab: Lab, run: GradingSession, device: str, suite_dir: Path, only:
                      # Its end of session runs the garbage collector again and again, to report
                      # exceptions raised in finalizers: the grader has none to report.
                      "-p", "no:unraisableexception",
+                     # It captures log records around every phase of every case (2 ms a case); the
+                     # suites log nothing, and what a student logs stays in the student's process.
+                     "-p", "no:logging",
                      # One line per failure in grader.log: a full traceback parses the suite's source for
                      # every failed case (seconds for a stub), and the student's message comes from the
                      # exception itself (coursekit.plugin.student_message).
