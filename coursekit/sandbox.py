@@ -206,7 +206,7 @@ def remove_control_groups(groups: str | None, wait: float = 0.0) -> None:
         paths = [g for g in paths if os.path.exists(g)]
         if not paths or time.monotonic() >= deadline:
             return
-        time.sleep(0.1)
+        time.sleep(0.02)   # a kernel just killed is usually reaped within milliseconds
 
 
 # -- the launcher -------------------------------------------------------------------
