@@ -46,9 +46,12 @@ def build_zip(course: Course, lab: Lab, destination: Path) -> Path:
         for name in ("pyproject.toml", "README.md"):
             shutil.copy(engine.parent / name, stage / name)
         shutil.copy(course.path, stage / "course.yaml")
-        shutil.copytree(lab.suite_dir, stage / "autograder" / lab.id, ignore=shutil.ignore_patterns("__pycache__"))
+        # .cache folders are what a machine computed for itself (SmolLM2 converted from GGUF, oracle
+        # answers): Gradescope's image builds its own.
+        skipped = shutil.ignore_patterns("__pycache__", ".cache")
+        shutil.copytree(lab.suite_dir, stage / "autograder" / lab.id, ignore=skipped)
         if (course.root / "data").exists():
-            shutil.copytree(course.root / "data", stage / "data")
+            shutil.copytree(course.root / "data", stage / "data", ignore=skipped)
         destination.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(destination, "w", zipfile.ZIP_DEFLATED) as archive:
             for name, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER.format(lab=lab.id))):
