@@ -11,6 +11,7 @@ and one machine-readable line: `roundtrip small_tensor_median_ms=X`.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -62,6 +63,7 @@ def main() -> int:
         print(f"roundtrip small_tensor_median_ms={results['small_tensor']:.3f}")
     finally:
         session.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
