@@ -127,11 +127,8 @@ class LocalRunner(Runner):
     def _spawn(self, job: Job) -> int:
         """A worker told which submission to expect, so that it starts that one's kernel; a
         worker handed another (workers finishing out of order) starts a fresh one instead."""
-        imports = self._imports.get(job.lab.id)
-        if imports is None:
-            imports = self._imports[job.lab.id] = lab_imports(job.lab)
         prepare = {"course": str(job.course.path), "lab": job.lab.id, "device": job.course.device,
-                   "private": [str(p) for p in job.private], "imports": imports}
+                   "private": [str(p) for p in job.private], "imports": self._imports[job.lab.id]}
         return self._zygote.spawn(json.dumps({"prepare": prepare}))
 
     def close(self) -> None:

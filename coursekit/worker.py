@@ -95,9 +95,8 @@ def preimport_code(imports: list) -> str:
     (`notebook.lab_imports`: the instructor's notebook, not the student's, read once per batch
     by the runner), so that the submission's first cell finds torch, transformers and the rest
     loaded. Nothing else of the namespace changes."""
-    pairs = [(str(module), None if name is None else str(name)) for module, name in imports]
     # An expression, not a statement: the student's namespace gains no name.
-    return f"__import__('coursekit.preload').preload.preload({pairs!r})"
+    return f"__import__('coursekit.preload').preload.preload({[tuple(pair) for pair in imports]!r})"
 
 
 @contextmanager
