@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from coursekit.notebook import Cell  # noqa: E402
 from coursekit.proxy import Student  # noqa: E402
-from coursekit.session import GradingSession, make_workdir, student_environment  # noqa: E402
+from coursekit.isolation import student_environment  # noqa: E402
+from coursekit.session import GradingSession, make_workdir  # noqa: E402
 
 
 def timed(fn, n: int) -> list[float]:

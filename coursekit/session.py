@@ -326,28 +326,5 @@ def _accept(listener: socket.socket, deadline: float, alive) -> socket.socket:
     raise ChannelTimeout()
 
 
-def student_environment(data_dir: Path, workdir: Path) -> dict[str, str]:
-    """The student's process gets a minimal environment: nothing of the grader's
-    beyond what Python and the libraries need to start, and a home of its own."""
-    keep = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
-            "LD_LIBRARY_PATH", "OMP_NUM_THREADS")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.update({
-        "PYTHONUNBUFFERED": "1",
-        "MPLBACKEND": "Agg",
-        "COURSE_DATA_DIR": str(data_dir),
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),  # the rest of the file system is read-only to the student
-        "MPLCONFIGDIR": str(workdir / ".matplotlib"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        # No TF32 in the student's process either (coursekit.runtime.full_float32).
-        "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "0",
-        "NVIDIA_TF32_OVERRIDE": "0",
-    })
-    return env
-
-
 def make_workdir() -> Path:
     return scratch_dir("student")

@@ -27,10 +27,11 @@ from coursekit.notebook import SubmissionError, graded_cells, read_notebook, ski
 from coursekit import plugin as plugin_module
 from coursekit.plugin import GradingPlugin
 from coursekit.results import build_results, failed_results, save_submission
-from coursekit.isolation import Isolation, protect, sandbox_plan, scratch_dir, student_isolation
+from coursekit.isolation import (Isolation, protect, sandbox_plan, scratch_dir, student_environment,
+                                 student_isolation)
 from coursekit.forks import exit_now
 from coursekit.kernel import StudentKernel
-from coursekit.session import GradingSession, make_workdir, start_kernel, student_environment
+from coursekit.session import GradingSession, make_workdir, start_kernel
 
 
 @dataclass

@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,17 +165,21 @@ def main(kernel_imports: str, student: str, suite_dirs: list[str]) -> int:
     folder = scratch_dir("forge")   # only the grader's user can reach it
     try:
         start_forge(folder, kernel_imports)
-        import pytest  # noqa: F401  what every worker needs, imported once for all of them
+        # Whether students can run as the course's student user is probed once here, for every
+        # worker to inherit (each probed it for itself: a sandboxed interpreter, 0.25 s), and
+        # while the imports below run: the probe mostly waits for its interpreter.
+        course_root, student_user = json.loads(student)
+        probe = threading.Thread(target=student_isolation, args=(Path(course_root), student_user))
+        probe.start()
+        # What every worker needs, imported once for all of them (transformers only where a suite
+        # imports it: preimport).
+        import pytest  # noqa: F401
         import torch  # noqa: F401
-        import transformers  # noqa: F401
 
         import coursekit.worker  # noqa: F401
 
         preimport(suite_dirs)
-        # Whether students can run as the course's student user is probed once here, for every
-        # worker to inherit (each probed it for itself: a sandboxed interpreter, 0.25 s).
-        course_root, student_user = json.loads(student)
-        student_isolation(Path(course_root), student_user)
+        probe.join()   # a fork copies only the thread that forks
         # What is imported lives as long as the process: out of the collector's sight, a worker's
         # collections no longer walk it (pytest's end of session alone collected 0.3 s of it per
         # submission) nor dirty its shared pages.
@@ -194,8 +199,7 @@ FORGE_START_SECONDS = 30   # without a forge listening by then, kernels start af
 def start_forge(folder: str, kernel_imports: str) -> subprocess.Popen:
     """The batch's kernels are forked from a forge (coursekit.forge), a child of this process
     that ends with it, started with an environment as bare as a student's."""
-    from coursekit.isolation import use_forge
-    from coursekit.session import student_environment
+    from coursekit.isolation import student_environment, use_forge
 
     path = os.path.join(folder, "forge.sock")
     # Its imports may read these at import time (matplotlib's cache, Hugging Face's home):

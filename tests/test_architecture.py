@@ -65,6 +65,21 @@ def test_the_batch_side_loads_neither_torch_nor_jupyter_client():
     assert out.strip() == "[]", f"importing the batch side loaded {out.strip()}"
 
 
+def test_the_zygote_starts_its_forge_before_loading_torch():
+    """A batch's start is the zygote's imports and the forge's, side by side on two cores: what
+    the zygote loads before the forge is started (torch by way of the kernel's session module,
+    1.6 s) delays every submission of the batch."""
+    code = ("import sys, subprocess\nimport coursekit.zygote as zygote\n"
+            "class Started(Exception):\n    pass\n"
+            "def popen(*args, **kwargs):\n"
+            "    raise Started(sorted(m for m in ('torch', 'jupyter_client', 'transformers') if m in sys.modules))\n"
+            "subprocess.Popen = popen\n"
+            "try:\n    zygote.start_forge('/nonexistent', '[]')\nexcept Started as started:\n    print(started.args[0])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == "[]", f"the zygote had loaded {out.strip()} when it started the forge"
+
+
 def test_the_engine_reads_notebooks_without_building_an_unused_uri_parser():
     """nbformat's validator brings jsonschema, which builds rfc3987_syntax's grammar at import
     (over a second of CPU per grader process) unless coursekit.notebook has marked it absent

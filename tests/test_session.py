@@ -11,8 +11,8 @@ import torch
 from coursekit.notebook import Cell
 from coursekit.proxy import Student
 from coursekit.kernel import KernelTimeout, StudentKernel
-from coursekit.session import (_RUNTIME_BOOT, GradingSession, StudentTimeout, make_workdir,
-                               student_environment)
+from coursekit.isolation import student_environment
+from coursekit.session import _RUNTIME_BOOT, GradingSession, StudentTimeout, make_workdir
 
 from .test_hostile import sandbox_contains
 
