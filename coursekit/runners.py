@@ -30,6 +30,7 @@ from coursekit.config import ConfigError, Course, Lab, Limits, load_course
 from coursekit.isolation import remove_scratch
 from coursekit.keys import submission_key
 from coursekit.notebook import lab_imports
+from coursekit.preload import library_requests
 from coursekit.results import FEEDBACK_FILE, RESULTS_FILE, write_atomic
 
 # Past the submission's own limit, the worker gets this long to write its results
@@ -90,7 +91,7 @@ class LocalRunner(Runner):
         self._lock = threading.Lock()
         self._queue: list[Job] = []
         self._given = 0   # jobs handed a worker so far
-        self._imports: dict[str, list] = {}   # per lab, what its notebook imports: read once per batch
+        self._imports: dict[str, list] = {}   # per lab, what its kernels import: read once per batch
 
     def expect(self, jobs: list[Job]) -> None:
         self._queue, self._given = list(jobs), 0
@@ -113,7 +114,7 @@ class LocalRunner(Runner):
             if self._zygote is None:
                 labs = {j.lab.id: j.lab for j in [job, *self._queue]}
                 suites = sorted(str(lab.suite_dir) for lab in labs.values())
-                self._imports = {lab_id: lab_imports(lab) for lab_id, lab in labs.items()}
+                self._imports = {lab_id: student_imports(lab) for lab_id, lab in labs.items()}
                 kernel_imports = sorted({pair for pairs in self._imports.values() for pair in pairs}, key=str)
                 self._zygote = ZygoteClient(worker_env(job.threads), kernel_imports, suites,
                                             (str(job.course.root), job.course.student_user))
@@ -144,6 +145,12 @@ class LocalRunner(Runner):
             if zygote.wait(worker, timeout=30) is None:
                 zygote.kill(worker)
         zygote.close()
+
+
+def student_imports(lab: Lab) -> list[tuple[str, str | None]]:
+    """What a kernel of `lab` imports ahead of its submission: what the lab's notebook imports,
+    and the library objects its hidden suite builds in the student's process."""
+    return sorted(set(lab_imports(lab)) | set(library_requests(lab.suite_dir)), key=str)
 
 
 class ZygoteClient:

@@ -92,10 +92,11 @@ def start_ahead(spec: dict) -> StudentProcess | None:
 
 
 def preimport_code(imports: list) -> str:
-    """For a kernel started ahead, while it waits: the imports the lab's own notebook makes
-    (`notebook.lab_imports`: the instructor's notebook, not the student's, read once per batch
-    by the runner), so that the submission's first cell finds torch, transformers and the rest
-    loaded. Nothing else of the namespace changes."""
+    """For a kernel started ahead, while it waits: what the lab's kernels import
+    (`runners.student_imports`: the instructor's notebook, not the student's, and the library
+    objects the hidden suite builds there, read once per batch by the runner), so that the
+    submission's first cell finds torch, transformers and the rest loaded. Nothing else of the
+    namespace changes."""
     # An expression, not a statement: the student's namespace gains no name.
     return f"__import__('coursekit.preload').preload.preload({[tuple(pair) for pair in imports]!r})"
 
