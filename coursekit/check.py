@@ -251,8 +251,9 @@ def record_timings(lab: Lab, results: Results | None) -> str:
 
 
 # How far a derived limit must move before the recorded timings are rewritten (and the lab regraded):
-# one measurement of a slow test against the next differs by 10-20% on a busy machine.
-LIMIT_MOVES = 1.25
+# one measurement of a slow test against the next differs by up to 45% on a shared 2-core machine
+# (lab 04's Tiny Shakespeare test: 3.9 s, then 5.6 s), and a limit is 20 times the reference's time.
+LIMIT_MOVES = 1.5
 
 
 def _moved(recorded: tuple, measured: tuple) -> bool:
