@@ -13,7 +13,7 @@ runtime inside the student's kernel does the reverse. Each side passes its own
 """
 from __future__ import annotations
 
-import base64
+import binascii
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -39,6 +39,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _HASHABLE_KEYS = (str, int, float, bytes, bool, type(None), tuple)
+# What a container's items mostly are, and cross as themselves: checked inline, without a call per item.
+_AS_IS = frozenset({str, int, bool, type(None)})
 
 
 class WireError(ValueError):
@@ -78,14 +80,15 @@ def encode(value: Any, on_unencodable: Callable[[Any], dict] | None = None, _dep
     # The builtin containers first, by exact type: a vocabulary of 50,000 entries is mostly these.
     depth = _depth + 1
     if kind is list:
-        return [encode(v, on_unencodable, depth) for v in _sized(value)]
+        return [v if type(v) in _AS_IS else encode(v, on_unencodable, depth) for v in _sized(value)]
     if kind is tuple:
-        return {TAG: "tuple", "v": [encode(v, on_unencodable, depth) for v in _sized(value)]}
+        return {TAG: "tuple", "v": [v if type(v) in _AS_IS else encode(v, on_unencodable, depth) for v in _sized(value)]}
     if kind is dict:
-        return {TAG: "dict", "v": [[encode(k, on_unencodable, depth), encode(v, on_unencodable, depth)]
+        return {TAG: "dict", "v": [[k if type(k) in _AS_IS else encode(k, on_unencodable, depth),
+                                    v if type(v) in _AS_IS else encode(v, on_unencodable, depth)]
                                    for k, v in _sized(value).items()]}
     if kind is bytes or kind is bytearray:
-        return {TAG: "bytes", "v": base64.b64encode(bytes(value)).decode("ascii")}
+        return {TAG: "bytes", "v": binascii.b2a_base64(value, newline=False).decode("ascii")}
     if kind is float:
         if math.isfinite(value):
             return value
@@ -140,7 +143,7 @@ def _encode_tensor(t: torch.Tensor) -> dict:
         TAG: "tensor",
         "dtype": _DTYPE_NAMES[t.dtype],
         "shape": list(t.shape),
-        "data": base64.b64encode(raw).decode("ascii"),
+        "data": binascii.b2a_base64(raw, newline=False).decode("ascii"),
         "device": str(t.device),
         "grad": bool(t.requires_grad),
     }
@@ -180,7 +183,7 @@ def decode(data: Any, on_handle: Callable[[dict], Any] | None = None, grad: bool
         return data
     depth = _depth + 1
     if kind is list:
-        return [decode(v, on_handle, grad, depth) for v in data]
+        return [v if type(v) in _AS_IS else decode(v, on_handle, grad, depth) for v in data]
     if kind is not dict or not isinstance(data.get(TAG), str):
         raise WireError(f"unexpected {type(data).__name__} in payload")
     tag = data[TAG]
@@ -188,13 +191,15 @@ def decode(data: Any, on_handle: Callable[[dict], Any] | None = None, grad: bool
     if tag == "bytes":
         return _b64(v)
     if tag == "tuple":
-        return tuple([decode(x, on_handle, grad, depth) for x in _list(v)])
+        return tuple([x if type(x) in _AS_IS else decode(x, on_handle, grad, depth) for x in _list(v)])
     if tag == "dict":
         out = {}
         for pair in _list(v):
             if type(pair) is not list or len(pair) != 2:
                 raise WireError("bad dict record")
-            out[_key(decode(pair[0], on_handle, grad, depth))] = decode(pair[1], on_handle, grad, depth)
+            k, x = pair
+            out[k if type(k) in _AS_IS else _key(decode(k, on_handle, grad, depth))] = (
+                x if type(x) in _AS_IS else decode(x, on_handle, grad, depth))
         return out
     if tag == "float":
         if v not in ("nan", "inf", "-inf"):
@@ -237,8 +242,8 @@ def _b64(v: Any) -> bytes:
     if type(v) is not str:
         raise WireError("bad bytes record")
     try:
-        return base64.b64decode(v, validate=True)
-    except ValueError:
+        return binascii.a2b_base64(v, strict_mode=True)
+    except (binascii.Error, ValueError):
         raise WireError("bad base64 in payload") from None
 
 
