@@ -134,8 +134,10 @@ def gpt2_files() -> tuple[Path, Path]:
 def gpt2_vocab_and_merges() -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """GPT-2's vocabulary and merges as raw bytes (the contract's representation)."""
     enc, bpe = gpt2_files()
-    decode = {ch: b for b, ch in byte_to_unicode().items()}
-    to_bytes = lambda s: bytes(decode[ch] for ch in s)  # noqa: E731
+    # Every stand-in back to its byte's code point, then one byte per code point: C speed (a
+    # generator per token took 0.45 s of every lab-04 grading).
+    decode = {ord(ch): b for b, ch in byte_to_unicode().items()}
+    to_bytes = lambda s: s.translate(decode).encode("latin-1")  # noqa: E731
     # "<|endoftext|>" is plain printable ASCII, so the same rule maps it too.
     vocab = {i: to_bytes(tok) for tok, i in json.loads(enc.read_text("utf-8")).items()}
     merges = []
