@@ -1,8 +1,9 @@
 """Importing ahead what some code is about to import: the zygote for the hidden suites'
-top-level imports, a kernel started ahead for the lab's own notebook. Nothing heavy
-of its own (a kernel imports this before any student cell runs)."""
+imports, a kernel started ahead for the lab's own notebook and what its suite builds
+there. Nothing heavy of its own (a kernel imports this before any student cell runs)."""
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 from pathlib import Path
@@ -38,3 +39,24 @@ def library_requests(suite_dir: Path) -> list[tuple[str, str]]:
             parts = dotted.split(".")
             pairs |= {(".".join(parts[:i]), parts[i]) for i in range(1, len(parts))}
     return sorted(pairs)
+
+
+def suite_imports(source: str) -> list[tuple[str, str | None]]:
+    """What a hidden suite's file imports, wherever it does: at its top, inside a test or a
+    helper (`from transformers import get_linear_schedule_with_warmup` in lab 05), or through
+    ``pytest.importorskip("peft")`` (lab 08): each otherwise imported again in every
+    submission's worker. As pairs for preload; relative imports left out."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    found: set[tuple[str, str | None]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name, None) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found |= {(node.module, alias.name if alias.name != "*" else None) for alias in node.names}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add((node.args[0].value, None))
+    return sorted(found, key=str)

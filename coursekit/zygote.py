@@ -143,16 +143,15 @@ def _write_all(fd: int, text: str) -> None:
 
 
 def preimport(suite_dirs: list[str]) -> None:
-    """What the batch's hidden suites import at their top (`import x`, `from x import y`):
-    seconds per submission otherwise. Only the import statements are run here, never a
-    suite's own code."""
-    from coursekit.notebook import imported
-    from coursekit.preload import preload
+    """What the batch's hidden suites import (`import x`, `from x import y`, wherever they
+    are, and `pytest.importorskip`): seconds per submission otherwise. Only the imports are
+    run here, never a suite's own code."""
+    from coursekit.preload import preload, suite_imports
 
     for folder in suite_dirs:
         for path in sorted(Path(folder).glob("*.py")):
             try:
-                preload(imported(path.read_text(encoding="utf-8")))
+                preload(suite_imports(path.read_text(encoding="utf-8")))
             except (OSError, ValueError):
                 continue
 

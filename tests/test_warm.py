@@ -68,3 +68,21 @@ def test_a_kernel_started_ahead_loads_the_labs_imports_and_nothing_else():
              # Only what the notebook needs: nbformat alone costs a kernel over a second of CPU.
              "assert 'nbformat' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", probe], check=True, env={"MPLBACKEND": "Agg"})
+
+
+def test_the_zygote_imports_what_a_suite_imports_anywhere(tmp_path):
+    """A suite's imports inside its tests and helpers, and pytest.importorskip, are made once per
+    batch in the zygote, before any worker is forked (each worker paid them otherwise)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_lab.py").write_text(
+        "import pytest\nwave = pytest.importorskip('wave')\n\n"
+        "def helper():\n    from colorsys import rgb_to_hsv\n    return rgb_to_hsv\n\n"
+        "def test_x():\n    import this_module_does_not_exist  # noqa: F401\n")
+    probe = ("import sys\nfrom coursekit.zygote import preimport\n"
+             f"preimport([{str(tmp_path)!r}])\n"
+             "print(sorted(m for m in ('wave', 'colorsys', 'test_lab') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    # The imports only: the suite module itself is never run in the zygote.
+    assert out.strip() == "['colorsys', 'wave']", out
