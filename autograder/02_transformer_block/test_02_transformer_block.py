@@ -19,10 +19,15 @@ import re
 
 import pytest
 import torch
+import torch.fx.experimental.symbolic_shapes  # noqa: F401  (see below)
 import torch.nn as nn
 import torch.nn.functional as F
 
 from coursekit.testing import assert_close, gen, randn, randomize_
+
+# nn.MultiheadAttention's key-padding check (torch._check_with) imports torch's symbolic shapes,
+# and sympy with them, on its first call: 0.4 s of every submission's worker, where an import at
+# the top is done once per batch (the zygote runs a suite's imports before forking workers).
 
 F64 = torch.float64
 TOL = {
