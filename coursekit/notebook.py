@@ -20,6 +20,7 @@ sys.modules.setdefault("rfc3987_syntax", None)
 import nbformat  # noqa: E402
 
 from coursekit.config import Lab  # noqa: E402
+from coursekit.preload import import_pairs  # noqa: E402
 
 # Cells the source tags like this are never run by the grader: a grade must not
 # wait on a student's plots or training loop.
@@ -98,16 +99,9 @@ def defined_names(source: str) -> dict[str, ast.stmt]:
 
 
 def imported(source: str) -> list[tuple[str, str | None]]:
-    """What a piece of code imports at its top: (module, name) for `from module import
-    name`, (module, None) for `import module`; relative imports left out."""
+    """What a code cell imports at its top, as pairs for coursekit.preload."""
     tree = _python(source)
-    found: list[tuple[str, str | None]] = []
-    for node in tree.body if tree is not None else []:
-        if isinstance(node, ast.Import):
-            found += [(alias.name, None) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found += [(node.module, alias.name if alias.name != "*" else None) for alias in node.names]
-    return found
+    return import_pairs(tree.body) if tree is not None else []
 
 
 def _python(source: str) -> ast.Module | None:

@@ -50,13 +50,20 @@ def suite_imports(source: str) -> list[tuple[str, str | None]]:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return []
-    found: set[tuple[str, str | None]] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {(alias.name, None) for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found |= {(node.module, alias.name if alias.name != "*" else None) for alias in node.names}
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            found.add((node.args[0].value, None))
+    found = set(import_pairs(ast.walk(tree)))
+    found |= {(node.args[0].value, None) for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)}
     return sorted(found, key=str)
+
+
+def import_pairs(nodes) -> list[tuple[str, str | None]]:
+    """The import statements among `nodes`, as pairs for preload: (module, name) for `from
+    module import name`, (module, None) for `import module`; relative imports left out."""
+    found: list[tuple[str, str | None]] = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [(node.module, alias.name if alias.name != "*" else None) for alias in node.names]
+    return found
