@@ -206,6 +206,12 @@ def _become_kernel(conn: socket.socket, request: dict, fds: list[int]) -> None:
         # (peft asks for it at import) must be the student's again, not the forge's, which the
         # student cannot see.
         tempfile.tempdir = None
+        # numpy's global generator was seeded once, in the forge: every kernel would draw the same
+        # numbers. Fresh entropy, as a fresh interpreter has (Python's `random` reseeds itself after
+        # a fork; torch's generator starts from the same fixed seed in every process anyway).
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            numpy.random.seed()
         threads = request["env"].get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:
             import torch

@@ -64,6 +64,17 @@ def _kernel_command_and_interrupt() -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _first_numpy_draw() -> str:
+    workdir = make_workdir()
+    kernel = StudentKernel(str(workdir), student_environment(Path("data"), workdir))
+    try:
+        kernel.start()
+        return kernel.execute("import numpy\nprint(numpy.random.randint(2**62))", timeout=60).output.strip()
+    finally:
+        kernel.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_kernels_are_forked_from_the_forge_and_start_afresh_without_it(tmp_path):
     from coursekit.isolation import use_forge
     from coursekit.zygote import start_forge
@@ -75,6 +86,9 @@ def test_kernels_are_forked_from_the_forge_and_start_afresh_without_it(tmp_path)
     forge = start_forge(str(folder), '[["peft", null]]')
     try:
         assert "coursekit.forge serve" in _kernel_command_and_interrupt()
+        # Each forked kernel draws its own numbers from numpy's global generator, as a fresh one would.
+        draws = [_first_numpy_draw() for _ in range(2)]
+        assert draws[0] != draws[1] and all(d.isdigit() for d in draws), draws
         use_forge(str(folder / "gone.sock"))   # a forge that is not there: the kernel starts afresh
         assert "ipykernel_launcher" in _kernel_command_and_interrupt()
     finally:
