@@ -13,8 +13,9 @@ _LIBRARY_REQUEST = re.compile(r"""\.lib\(\s*["']([A-Za-z_][\w.]*)["']""")
 
 
 def preload(wanted: list[tuple[str, str | None]]) -> None:
-    """Import what `imported` found, ahead of the code that imports it (the zygote for the
-    hidden suites, a kernel started ahead for the lab's notebook), and touch each imported
+    """Import the (module, name) pairs found below (import_pairs, suite_imports,
+    library_requests), ahead of the code that imports them (the zygote for the hidden
+    suites, a kernel started ahead for the lab's notebook and suite), and touch each imported
     name, which is where transformers loads a model's code. What fails is left for the
     code itself to import, and report."""
     for module, name in wanted:
