@@ -11,6 +11,7 @@ import pytest
 from coursekit import wire
 from coursekit.config import Lab
 from coursekit.errors import MissingName, StudentCrashed, StudentError, StudentTimeout
+from coursekit.oracle_cache import OracleCache
 from coursekit.outcomes import MEMORY_ERRORS, CaseOutcome
 from coursekit.proxy import Student
 from coursekit.runtime import full_float32
@@ -120,6 +121,13 @@ def lab_settings(request: pytest.FixtureRequest) -> dict:
 def data_dir(request: pytest.FixtureRequest) -> Path:
     """The course's data folder (Tiny Shakespeare, SST-2, ...), as the grader sees it."""
     return request.config.stash[PLUGIN_KEY].lab.root / "data"
+
+
+@pytest.fixture(scope="session")
+def oracle_cache(request: pytest.FixtureRequest) -> OracleCache:
+    """Answers of the suite's oracles that are the same for every submission, kept beside
+    the suite across submissions and batches (coursekit.oracle_cache)."""
+    return OracleCache(request.config.stash[PLUGIN_KEY].lab.suite_dir / ".cache")
 
 
 def grader_environment(device: str) -> dict:

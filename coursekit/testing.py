@@ -1,6 +1,6 @@
 """The one surface the hidden suites import: the student's exception types, seeded
 inputs, and assertions with messages written for students (what differs and by how
-much, never the expected tensor itself). The fixtures (`student`, `device`,
+much, never the expected tensor itself). The fixtures (`student`, `device`, `oracle_cache`,
 `lab_settings`, `data_dir`) come from the engine's pytest plugin."""
 from __future__ import annotations
 

@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -504,47 +501,26 @@ def smol_folder() -> Path:
     return _smollm2_cache_module().ensure_cache()
 
 
-# transformers' answers on SmolLM2 (2 s to compute) are kept here, beside the suite, where only the
-# grader can read (the student's sandbox never sees autograder/), one file per weights, library
-# versions and device: the same for every submission of a batch, and of the next batch.
-ORACLE_CACHE = Path(__file__).resolve().parent / ".cache"
-
-
-def _smol_oracle_file(folder: Path, device: str) -> Path:
-    key = hashlib.sha256(f"{FRANCE_IDS}|12|{torch.__version__}|{transformers.__version__}|{device}".encode())
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        stat = path.stat()
-        key.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return ORACLE_CACHE / f"smollm2-{key.hexdigest()[:20]}.safetensors"
-
-
 @pytest.fixture(scope="module")
-def smol_oracle(smol_folder, device):
-    """transformers' logits on the prompt and its greedy generation, computed once per weights and
-    versions (see ORACLE_CACHE); the model is released before the student's copy is built, so that
-    the two never sit in memory together."""
-    path = _smol_oracle_file(smol_folder, device)
-    try:
-        saved = safetensors.torch.load_file(path)
-        return saved["logits"], saved["generated"]
-    except Exception:  # noqa: BLE001  missing, or unreadable: computed again below
-        pass
-    model = LlamaForCausalLM.from_pretrained(smol_folder).eval().to(device)
-    ids = torch.tensor([FRANCE_IDS], device=device)
-    with torch.no_grad():
-        logits = model(ids).logits.cpu()
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                   do_sample=False, eos_token_id=2, pad_token_id=2).cpu()
-    del model
-    gc.collect()
-    try:   # written whole under another name, then renamed: a batch's workers may race here
-        ORACLE_CACHE.mkdir(mode=0o700, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        safetensors.torch.save_file({"logits": logits.contiguous(), "generated": generated.contiguous()}, partial)
-        os.replace(partial, path)
-    except OSError:
-        pass   # a read-only suite folder: the next submission computes them again
-    return logits, generated
+def smol_oracle(smol_folder, device, oracle_cache):
+    """transformers' logits on the prompt and its greedy generation (2 s to compute), the same for
+    every submission: kept in the oracle cache, per weights, library versions and device. The model
+    is released before the student's copy is built, so that the two never sit in memory together."""
+    def compute():
+        model = LlamaForCausalLM.from_pretrained(smol_folder).eval().to(device)
+        ids = torch.tensor([FRANCE_IDS], device=device)
+        with torch.no_grad():
+            logits = model(ids).logits.cpu()
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                       do_sample=False, eos_token_id=2, pad_token_id=2).cpu()
+        del model
+        gc.collect()
+        return logits, generated
+
+    weights = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+               for p in sorted(smol_folder.iterdir()) if p.is_file()]
+    return oracle_cache.get("smollm2", [str(FRANCE_IDS), "12", torch.__version__, transformers.__version__,
+                                        device, *weights], compute)
 
 
 @pytest.fixture(scope="module")
