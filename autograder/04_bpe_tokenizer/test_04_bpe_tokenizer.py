@@ -190,16 +190,20 @@ def hf_oracle_gpt2(with_eot: bool):
 
 
 def gpt2_tokenizer(student, specials=()):
-    """The student's BPETokenizer with GPT-2's vocabulary. The vocab and merges are sent to the
-    student's process once (about 6 MB by value, seconds) and kept there; each call gets its own
-    copies of them, so no test sees what another one's tokenizer did to them."""
+    """The student's BPETokenizer with GPT-2's vocabulary, built once per set of specials and shared
+    by the encode and decode tests, as one would use a tokenizer (a construction reads 50,000
+    merges: 30 of them took a second). The vocab and merges are sent to the student's process once
+    (about 6 MB by value) and kept there; each tokenizer gets its own copies of them."""
     def send():
         vocab, merges = ref.gpt2_vocab_and_merges()
         return student.lib("builtins.dict").keep(vocab), student.lib("builtins.list").keep(merges)
 
-    vocab, merges = student.kept("GPT-2's vocab and merges", send)
-    return student.BPETokenizer(student.lib("builtins.dict").keep(vocab), student.lib("builtins.list").keep(merges),
-                                list(specials))
+    def build():
+        vocab, merges = student.kept("GPT-2's vocab and merges", send)
+        return student.BPETokenizer(student.lib("builtins.dict").keep(vocab), student.lib("builtins.list").keep(merges),
+                                    list(specials))
+
+    return student.kept(f"GPT-2's tokenizer with specials {list(specials)}", build)
 
 
 # -- training on hand-built corpora -------------------------------------------------------------
