@@ -1,6 +1,6 @@
 """Grading throughput: `course grade` against `nbgrader autograde`, on one machine, in one run.
 
-    .venv/bin/python bench/throughput.py [--labs 01_attention 04_bpe_tokenizer] [--workers 1 2]
+    .venv/bin/python bench/throughput.py [--labs 01_attention 04_bpe_tokenizer] [--workers 1 2] [--repeat 3]
 
 The batch: for every lab, its reference solution (source/), its stub (release/) and a
 partly wrong notebook (the lab's first always-run mutant from mutants/), each `--copies`
@@ -17,6 +17,8 @@ start, imports, kernel start, transfers) against the notebook's cells and the
 tests' own compute (from each results.json's extra_data.seconds). Last, one line per
 lab: `LAB course_s=X [course_s_w2=Z] nbgrader_s=Y ratio=Y/X`, seconds per submission
 (ratio > 1: `course grade`, hidden suites included, is faster than nbgrader's bare run).
+With `--repeat N` each lab's batch is graded N times by each and the median is reported: one
+run on a shared machine can be off by a third.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,19 +67,28 @@ def build_batch(course, labs, into: Path, copies: int = 1) -> list[tuple[str, st
     return made
 
 
-def run_course_grade(batch: Path, out: Path, workers: int, labs) -> dict[str, float]:
-    """Wall seconds of one `course grade` per lab (its reference, stub and partly wrong notebook)."""
+def run_course_grade(batch: Path, out: Path, workers: int, labs, repeat: int) -> dict[str, float]:
+    """Wall seconds of `course grade` per lab (its reference, stub and partly wrong notebook), the
+    median of `repeat` runs; `out` keeps the last run's results."""
     seconds = {}
     for lab in labs:
         folders = sorted((batch / "submitted").glob(f"*/{lab.id}"))
-        began = time.monotonic()
-        subprocess.run([str(BIN / "course"), "grade", *map(str, folders), "--out", str(out),
-                        "--workers", str(workers), "--force"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        seconds[lab.id] = time.monotonic() - began
+        seconds[lab.id] = median_seconds(repeat, lambda: subprocess.run(
+            [str(BIN / "course"), "grade", *map(str, folders), "--out", str(out), "--workers", str(workers),
+             "--force"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL))
     return seconds
 
 
-def run_nbgrader(course, labs, batch: Path, scratch: Path) -> dict[str, float]:
+def median_seconds(repeat: int, run) -> float:
+    times = []
+    for _ in range(repeat):
+        began = time.monotonic()
+        run()
+        times.append(time.monotonic() - began)
+    return statistics.median(times)
+
+
+def run_nbgrader(course, labs, batch: Path, scratch: Path, repeat: int) -> dict[str, float]:
     """nbgrader's own course: source/ without the skipped cells, the same submitted/ tree."""
     scratch.mkdir(parents=True)
     (scratch / "nbgrader_config.py").write_text(
@@ -101,9 +113,7 @@ def run_nbgrader(course, labs, batch: Path, scratch: Path) -> dict[str, float]:
     seconds = {}
     for lab in labs:
         _nbgrader(["generate_assignment", lab.id, "--force"], scratch, env)
-        began = time.monotonic()
-        _nbgrader(["autograde", lab.id, "--force"], scratch, env)
-        seconds[lab.id] = time.monotonic() - began
+        seconds[lab.id] = median_seconds(repeat, lambda: _nbgrader(["autograde", lab.id, "--force"], scratch, env))
     return seconds
 
 
@@ -122,6 +132,9 @@ def main() -> int:
                         help="grade each of the three notebooks this many times, as as many students "
                              "(a batch's start is paid once per lab: more copies show the cost per submission "
                              "of a class); default: 1")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="grade each lab's batch this many times with each tool and report the median; "
+                             "default: 1")
     parser.add_argument("--skip-nbgrader", action="store_true")
     args = parser.parse_args()
     course = load_course(ROOT / "course.yaml")
@@ -130,9 +143,11 @@ def main() -> int:
     try:
         made = build_batch(course, labs, work / "batch", args.copies)
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-              f"load {os.getloadavg()[0]:.1f}; {len(made)} submissions, {len(labs)} labs, workers={args.workers}")
-        course_s = {w: run_course_grade(work / "batch", work / f"out{w}", w, labs) for w in args.workers}
-        nbgrader = {} if args.skip_nbgrader else run_nbgrader(course, labs, work / "batch", work / "nbgrader")
+              f"load {os.getloadavg()[0]:.1f}; {len(made)} submissions, {len(labs)} labs, workers={args.workers}, "
+              f"median of {args.repeat} run(s)")
+        course_s = {w: run_course_grade(work / "batch", work / f"out{w}", w, labs, args.repeat) for w in args.workers}
+        nbgrader = {} if args.skip_nbgrader else run_nbgrader(course, labs, work / "batch", work / "nbgrader",
+                                                              args.repeat)
         first = args.workers[0]
         report(made, work / f"out{first}", sum(course_s[first].values()), nbgrader)
         # One line per lab: seconds per submission (batch wall time / submissions), ratio > 1 = faster.
