@@ -133,6 +133,10 @@ def run_suite(lab: Lab, run: GradingSession, device: str, suite_dir: Path, only:
                      # It captures log records around every phase of every case (2 ms a case); the
                      # suites log nothing, and what a student logs stays in the student's process.
                      "-p", "no:logging",
+                     # Only pytest's own plugins and the engine's: whatever else the machine has
+                     # installed (anyio's, platformdirs') neither changes a grade nor costs each
+                     # worker its import (anyio's brought trio: 0.07 s a submission).
+                     "--disable-plugin-autoload",
                      # One line per failure in grader.log: a full traceback parses the suite's source for
                      # every failed case (seconds for a stub), and the student's message comes from the
                      # exception itself (coursekit.plugin.student_message).

@@ -173,3 +173,21 @@ def test_feedback_page_shows_what_a_student_may_see(graded_toy):
     assert "test_hostile_return" not in page  # hidden in course.yaml
     assert "1 more test will be shown later" in page
     assert "oracle" not in page and "lab_settings" not in page
+
+
+def test_a_pytest_plugin_installed_on_the_machine_does_not_run_in_grading(toy_course, tmp_path, write_notebook,
+                                                                          monkeypatch):
+    """Only pytest's own plugins and the engine's grade: one installed beside them (here one that
+    would drop every test) changes nothing."""
+    site = tmp_path / "site"
+    (site / "drop_all_tests-1.0.dist-info").mkdir(parents=True)
+    (site / "drop_all_tests-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: drop-all-tests\nVersion: 1.0\n", encoding="utf-8")
+    (site / "drop_all_tests-1.0.dist-info" / "entry_points.txt").write_text(
+        "[pytest11]\ndrop_all_tests = drop_all_tests\n", encoding="utf-8")
+    (site / "drop_all_tests.py").write_text(
+        "def pytest_collection_modifyitems(items):\n    items.clear()\n", encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    path = write_notebook(toy_notebook([TOY_CELLS[0], TOY_CELLS[1]]), "carol.ipynb")
+    rows = grade_batch(toy_course, discover(toy_course, [path], None), tmp_path / "out", progress=False)
+    assert rows[0]["score"] == 4  # test_double and test_double_rejects_strings
