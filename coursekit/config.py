@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ LIMIT_KEYS = ("test_seconds", "submission_seconds", "cell_seconds", "memory_mb",
 # import is stopped at this limit and the cells after it still run.
 DEFAULT_CELL_SECONDS = 300
 DEFAULT_GRADER_IMAGE = "nlp-course/grader"
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,7 @@ class Lab:
     due: dt.datetime | None = None
     late: LatePolicy | None = None
     extensions: dict[str, float] = field(default_factory=dict)   # student id: days added to due (and cutoff)
+    preload: tuple[str, ...] = ()   # modules its student processes import before the notebook runs
 
     @property
     def max_score(self) -> float:
@@ -235,7 +238,8 @@ class _Validator:
 
     def lab(self, data: Any, key: str, limits: Limits, visibility: str, root: Path) -> Lab:
         data = self.mapping(data, key)
-        self.unknown(data, key, ("id", "title", "notebook", "limits", "tests", "settings", "visibility", "due", "late"))
+        self.unknown(data, key, ("id", "title", "notebook", "limits", "tests", "settings", "visibility", "due", "late",
+                                 "preload"))
         lab_id = self.text(data.get("id"), f"{key}.id")
         if "/" in lab_id or lab_id.startswith("."):
             self.fail(f"{key}.id", "a folder name", lab_id)
@@ -253,7 +257,13 @@ class _Validator:
                             set(data.get("limits") or {}), f"{key}"),
             settings=self.mapping(data.get("settings", {}), f"{key}.settings"), root=root,
             due=due, late=self.late(data.get("late"), f"{key}.late", due),
+            preload=self.module_names(data.get("preload", []), f"{key}.preload"),
         )
+
+    def module_names(self, value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and _MODULE.fullmatch(v) for v in value):
+            self.fail(key, "a list of module names (torch.fx.experimental.symbolic_shapes)", value)
+        return tuple(value)
 
     def late(self, data: Any, key: str, due: dt.datetime | None) -> LatePolicy | None:
         if data is None:

@@ -149,8 +149,10 @@ class LocalRunner(Runner):
 
 def student_imports(lab: Lab) -> list[tuple[str, str | None]]:
     """What a kernel of `lab` imports ahead of its submission: what the lab's notebook imports,
-    and the library objects its hidden suite builds in the student's process."""
-    return sorted(set(lab_imports(lab)) | set(library_requests(lab.suite_dir)), key=str)
+    the library objects its hidden suite builds in the student's process, and the modules
+    course.yaml's `preload:` names (those a library imports lazily on first use)."""
+    return sorted(set(lab_imports(lab)) | set(library_requests(lab.suite_dir)) | {(m, None) for m in lab.preload},
+                  key=str)
 
 
 class ZygoteClient:

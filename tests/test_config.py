@@ -42,7 +42,7 @@ def test_a_valid_file_gives_points_limits_and_visibility(tmp_path):
     lab = course.lab("l1")
     assert lab.max_score == 5 and lab.tests["test_b"].timeout == 30
     assert lab.tests["test_a"].visibility == "visible" and lab.tests["test_b"].visibility == "hidden"
-    assert lab.limits.memory_mb == 1000
+    assert lab.limits.memory_mb == 1000 and lab.preload == ()
     assert course.sandbox is True and course.student_user == "nobody"   # the defaults
 
 
@@ -81,6 +81,8 @@ def test_a_valid_file_gives_points_limits_and_visibility(tmp_path):
      "labs[0].tests.test_b.public: expected true or false"),
     (lambda d: d["labs"][0]["tests"]["test_b"].update(public=True),
      "labs[0].tests.test_b: a public test cannot have visibility 'hidden'"),
+    (lambda d: d["labs"][0].update(preload="sympy"), "labs[0].preload: expected a list of module names"),
+    (lambda d: d["labs"][0].update(preload=["torch.fx..experimental"]), "labs[0].preload: expected a list of module names"),
 ])
 def test_errors_name_the_key(tmp_path, edit, message):
     data = _valid()

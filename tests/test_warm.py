@@ -70,6 +70,22 @@ def test_a_kernel_started_ahead_loads_the_labs_imports_and_nothing_else():
     subprocess.run([sys.executable, "-c", probe], check=True, env={"MPLBACKEND": "Agg"})
 
 
+def test_a_kernel_started_ahead_loads_what_course_yaml_preloads():
+    """Lab 02's preload: torch's symbolic shapes, which nn.MultiheadAttention imports (with sympy)
+    on its first key-padding mask, 0.34 s of every submission otherwise."""
+    import subprocess
+    import sys
+
+    from coursekit.config import load_course
+    from coursekit.runners import student_imports
+    from coursekit.worker import preimport_code
+
+    lab = load_course().lab("02_transformer_block")
+    assert lab.preload == ("torch.fx.experimental.symbolic_shapes",)
+    probe = f"import sys\n{preimport_code(student_imports(lab))}\nassert 'sympy' in sys.modules\n"
+    subprocess.run([sys.executable, "-c", probe], check=True, env={"MPLBACKEND": "Agg"})
+
+
 def test_the_zygote_imports_what_a_suite_imports_anywhere(tmp_path):
     """A suite's imports inside its tests and helpers, and pytest.importorskip, are made once per
     batch in the zygote, before any worker is forked (each worker paid them otherwise)."""
