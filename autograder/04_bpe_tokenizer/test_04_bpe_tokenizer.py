@@ -193,10 +193,18 @@ def gpt2_tokenizer(student, specials=()):
     """The student's BPETokenizer with GPT-2's vocabulary, built once per set of specials and shared
     by the encode and decode tests, as one would use a tokenizer (a construction reads 50,000
     merges: 30 of them took a second). The vocab and merges are sent to the student's process once
-    (about 6 MB by value) and kept there; each tokenizer gets its own copies of them."""
+    and kept there; each tokenizer gets its own copies of them."""
     def send():
         vocab, merges = ref.gpt2_vocab_and_merges()
-        return student.lib("builtins.dict").keep(vocab), student.lib("builtins.list").keep(merges)
+        kept_vocab = student.lib("builtins.dict").keep(vocab)   # 2 MB by value
+        # Each merge's two parts are GPT-2 tokens: the merges cross as the ids of their parts (plain
+        # JSON ints; 50,000 pairs of bytes by value took 0.6 s) and are rebuilt over there from the
+        # vocab just sent, as list(zip(map(vocab.get, firsts), map(vocab.get, seconds))).
+        ids = {token: i for i, token in vocab.items()}
+        lookup, lib = kept_vocab.get, student.lib
+        firsts = lib("builtins.map").keep(lookup, [ids[a] for a, _ in merges])
+        seconds = lib("builtins.map").keep(lookup, [ids[b] for _, b in merges])
+        return kept_vocab, lib("builtins.list").keep(lib("builtins.zip").keep(firsts, seconds))
 
     def build():
         vocab, merges = student.kept("GPT-2's vocab and merges", send)
