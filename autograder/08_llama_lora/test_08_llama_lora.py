@@ -517,8 +517,8 @@ def smol_oracle(smol_folder, device, oracle_cache):
         gc.collect()
         return logits, generated
 
-    weights = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-               for p in sorted(smol_folder.iterdir()) if p.is_file()]
+    weights = [f"{p.name}:{stat.st_size}:{stat.st_mtime_ns}"
+               for p in sorted(smol_folder.iterdir()) if p.is_file() for stat in [p.stat()]]
     return oracle_cache.get("smollm2", [str(FRANCE_IDS), "12", torch.__version__, transformers.__version__,
                                         device, *weights], compute)
 
