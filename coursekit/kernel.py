@@ -76,12 +76,37 @@ class StudentKernel:
         kc = km.client()
         kc.start_channels()
         try:
-            kc.wait_for_ready(timeout=self.startup_timeout)
+            self._wait_until_ready(km, kc)
         except RuntimeError as exc:
             km.shutdown_kernel(now=True)
             raise KernelDied(f"the student's kernel did not start: {exc}") from None
         self.km, self.kc = km, kc
         self.sandbox = read_status(self.cwd)
+
+    def _wait_until_ready(self, km: KernelManager, kc) -> None:
+        """jupyter_client's wait_for_ready without its last step, which listens until IOPub has
+        been quiet for 0.2 s: half of every kernel's start, and the first kernel of a batch is on
+        the batch's critical path. What that step would have drained (the status messages of the
+        kernel_info requests) answers no request of execute(), which skips it. The kernel is the
+        course's own ipykernel, so its protocol version needs no adapting."""
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            kc.kernel_info()
+            try:
+                reply = kc.get_shell_msg(timeout=1)
+            except Empty:
+                pass
+            else:
+                if reply["msg_type"] == "kernel_info_reply":
+                    try:
+                        kc.get_iopub_msg(timeout=0.2)   # IOPub hears the kernel: requests can start
+                        return
+                    except Empty:
+                        pass   # subscribed too late for this reply's messages: ask again
+            if not km.is_alive():
+                raise RuntimeError("Kernel died before replying to kernel_info")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Kernel didn't respond in {self.startup_timeout:.0f} seconds")
 
     def shutdown(self) -> None:
         if self.kc is not None:
