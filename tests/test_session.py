@@ -11,7 +11,7 @@ import torch
 from coursekit.notebook import Cell
 from coursekit.proxy import Student
 from coursekit.kernel import KernelTimeout, StudentKernel
-from coursekit.isolation import student_environment
+from coursekit.isolation import sandbox_plan, student_environment
 from coursekit.session import _RUNTIME_BOOT, GradingSession, StudentTimeout, make_workdir
 
 from .test_hostile import sandbox_contains
@@ -95,6 +95,40 @@ def test_kernels_are_forked_from_the_forge_and_start_afresh_without_it(tmp_path)
         use_forge(None)
         forge.kill()
         forge.wait()
+
+
+def test_sigterm_to_the_launcher_ends_the_kernel_and_its_control_groups(workdir):
+    """How the grader ends a kernel: the launcher it started kills the kernel, removes the
+    kernel's control groups itself and exits, with nothing left for the grader to clean up."""
+    import os
+    import signal
+
+    from tests.test_orphans import wait_for
+
+    if sandbox_contains():
+        pytest.skip("the launcher builds namespaces and control groups only where the machine allows it")
+    plan = sandbox_plan(workdir, Path.cwd(), [], max_processes=64)
+    kernel = StudentKernel(str(workdir), student_environment(Path("data"), workdir), plan)
+    try:
+        kernel.start()
+        groups = [Path(g) for g in kernel.sandbox["control_group"].split(",")]
+        inside = {int(pid) for g in groups for pid in (g / "cgroup.procs").read_text().split()}
+        launcher = kernel.km.provisioner.process
+        assert launcher.pid in inside and len(inside) >= 2, inside   # the launcher and the kernel
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=10) is not None
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert wait_for(lambda: not any(g.exists() for g in groups), 5), "the launcher left its control groups"
+        assert all(gone(pid) for pid in inside - {launcher.pid}), "the kernel outlived its launcher"
+    finally:
+        kernel.shutdown()
 
 
 def test_the_student_process_has_its_own_environment(session):
