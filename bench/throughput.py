@@ -18,11 +18,14 @@ tests' own compute (from each results.json's extra_data.seconds). Last, one line
 lab: `LAB course_s=X [course_s_w2=Z] nbgrader_s=Y ratio=Y/X`, seconds per submission
 (ratio > 1: `course grade`, hidden suites included, is faster than nbgrader's bare run).
 With `--repeat N` each lab's batch is graded N times by each and the median is reported: one
-run on a shared machine can be off by a third.
+run on a shared machine can be off by a third. The tools take turns on each lab (course with each
+worker count, then nbgrader, then again), so that the machine's speed, which drifts over a long
+run, weighs on all of them alike.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -67,29 +70,17 @@ def build_batch(course, labs, into: Path, copies: int = 1) -> list[tuple[str, st
     return made
 
 
-def run_course_grade(batch: Path, out: Path, workers: int, labs, repeat: int) -> dict[str, float]:
-    """Wall seconds of `course grade` per lab (its reference, stub and partly wrong notebook), the
-    median of `repeat` runs; `out` keeps the last run's results."""
-    seconds = {}
-    for lab in labs:
-        folders = sorted((batch / "submitted").glob(f"*/{lab.id}"))
-        seconds[lab.id] = median_seconds(repeat, lambda: subprocess.run(
-            [str(BIN / "course"), "grade", *map(str, folders), "--out", str(out), "--workers", str(workers),
-             "--force"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL))
-    return seconds
+def grade_with_course(batch: Path, out: Path, workers: int, lab) -> None:
+    """`course grade` on the lab's batch (its reference, stub and partly wrong notebook); `out`
+    keeps the results."""
+    folders = sorted((batch / "submitted").glob(f"*/{lab.id}"))
+    subprocess.run([str(BIN / "course"), "grade", *map(str, folders), "--out", str(out), "--workers", str(workers),
+                    "--force"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def median_seconds(repeat: int, run) -> float:
-    times = []
-    for _ in range(repeat):
-        began = time.monotonic()
-        run()
-        times.append(time.monotonic() - began)
-    return statistics.median(times)
-
-
-def run_nbgrader(course, labs, batch: Path, scratch: Path, repeat: int) -> dict[str, float]:
-    """nbgrader's own course: source/ without the skipped cells, the same submitted/ tree."""
+def prepare_nbgrader(course, labs, batch: Path, scratch: Path) -> dict[str, str]:
+    """nbgrader's own course: source/ without the skipped cells, the same submitted/ tree, each
+    lab's assignment generated. Returns the environment to run nbgrader in."""
     scratch.mkdir(parents=True)
     (scratch / "nbgrader_config.py").write_text(
         "c = get_config()\n"
@@ -110,11 +101,23 @@ def run_nbgrader(course, labs, batch: Path, scratch: Path, repeat: int) -> dict[
     # nbgrader runs alembic by name to create its database.
     env = {**os.environ, "COURSE_DATA_DIR": str(course.root / "data"), "MPLBACKEND": "Agg",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    seconds = {}
     for lab in labs:
         _nbgrader(["generate_assignment", lab.id, "--force"], scratch, env)
-        seconds[lab.id] = median_seconds(repeat, lambda: _nbgrader(["autograde", lab.id, "--force"], scratch, env))
-    return seconds
+    return env
+
+
+def measure(labs, repeat: int, tools: dict) -> dict[str, dict[str, float]]:
+    """Median wall seconds of each tool on each lab's batch: {tool: {lab: seconds}}. A lab's runs
+    alternate between the tools (course with 1 worker, with 2, nbgrader, then again), so that a
+    shared machine's changing speed weighs on every tool alike rather than on whichever ran last."""
+    times = {name: {lab.id: [] for lab in labs} for name in tools}
+    for lab in labs:
+        for _ in range(repeat):
+            for name, run in tools.items():
+                began = time.monotonic()
+                run(lab)
+                times[name][lab.id].append(time.monotonic() - began)
+    return {name: {lab: statistics.median(t) for lab, t in per_lab.items()} for name, per_lab in times.items()}
 
 
 def _nbgrader(args: list[str], cwd: Path, env: dict) -> None:
@@ -145,9 +148,13 @@ def main() -> int:
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"load {os.getloadavg()[0]:.1f}; {len(made)} submissions, {len(labs)} labs, workers={args.workers}, "
               f"median of {args.repeat} run(s)")
-        course_s = {w: run_course_grade(work / "batch", work / f"out{w}", w, labs, args.repeat) for w in args.workers}
-        nbgrader = {} if args.skip_nbgrader else run_nbgrader(course, labs, work / "batch", work / "nbgrader",
-                                                              args.repeat)
+        tools = {w: functools.partial(grade_with_course, work / "batch", work / f"out{w}", w) for w in args.workers}
+        if not args.skip_nbgrader:
+            env = prepare_nbgrader(course, labs, work / "batch", work / "nbgrader")
+            tools["nbgrader"] = lambda lab: _nbgrader(["autograde", lab.id, "--force"], work / "nbgrader", env)
+        seconds = measure(labs, args.repeat, tools)
+        course_s = {w: seconds[w] for w in args.workers}
+        nbgrader = seconds.get("nbgrader", {})
         first = args.workers[0]
         report(made, work / f"out{first}", sum(course_s[first].values()), nbgrader)
         # One line per lab: seconds per submission (batch wall time / submissions), ratio > 1 = faster.
