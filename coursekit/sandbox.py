@@ -288,9 +288,9 @@ def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
     `wanted()` turns false: then the kernel is killed, and with it everything in its
     namespace, so that no student process outlives the grader that started it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM (how coursekit.kernel ends a kernel) ends the kernel; the groups go right after.
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
     ended = _exit_notice(child)
+    # SIGTERM (how coursekit.kernel ends a kernel) ends the kernel; the groups go right after.
+    signal.signal(signal.SIGTERM, lambda *_: _kill(child, ended))
     code = 1
     while True:
         try:
@@ -301,12 +301,13 @@ def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
             code = os.waitstatus_to_exitcode(status) & 0xFF
             break
         if not wanted():
-            os.kill(child, signal.SIGKILL)
+            _kill(child, ended)
         # Woken by the kernel's exit where Linux says so (the grader waits for the groups to go).
         if ended is not None:
             select.select([ended], [], [], ORPHAN_POLL_SECONDS)
         else:
             time.sleep(ORPHAN_POLL_SECONDS)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the kernel is gone: what is left is the clean-up
     # The namespace's other processes, killed with the kernel, are this subreaper's to reap:
     # a control group holding their zombies could not be removed.
     deadline = time.monotonic() + 5
@@ -318,6 +319,18 @@ def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
             break
     leave_control_groups(groups)
     os._exit(code)
+
+
+def _kill(child: int, ended: int | None) -> None:
+    """SIGKILL to the kernel, through its pidfd where there is one: never to a process that
+    reused the number of a kernel already reaped."""
+    try:
+        if ended is not None:
+            signal.pidfd_send_signal(ended, signal.SIGKILL)
+        else:
+            os.kill(child, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _exit_notice(pid: int) -> int | None:
