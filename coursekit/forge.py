@@ -38,7 +38,7 @@ import tempfile
 import threading
 
 from coursekit.forks import ChildExits, in_fork
-from coursekit.sandbox import ORPHAN_POLL_SECONDS, die_with_parent, launch, leave_control_groups
+from coursekit.sandbox import ORPHAN_POLL_SECONDS, die_with_parent, launch, leave_control_groups, signal_kernel
 
 REPLY_SECONDS = 120   # for the forge to answer: it may still be importing
 
@@ -77,13 +77,13 @@ def _relay(forge: str, plan_path: str, argv: list[str]) -> None:
         ended = os.pidfd_open(kernel)
     except OSError:
         os._exit(1)
-    signal.signal(signal.SIGINT, lambda *_: _signal(kernel, signal.SIGINT))
-    signal.signal(signal.SIGTERM, lambda *_: (_signal(kernel, signal.SIGKILL), os._exit(1)))
+    signal.signal(signal.SIGINT, lambda *_: signal_kernel(kernel, ended, signal.SIGINT))
+    signal.signal(signal.SIGTERM, lambda *_: (signal_kernel(kernel, ended, signal.SIGKILL), os._exit(1)))
     while True:
         if select.select([ended], [], [], ORPHAN_POLL_SECONDS)[0]:
             os._exit(0)
         if os.getppid() != grader:
-            _signal(kernel, signal.SIGKILL)
+            signal_kernel(kernel, ended, signal.SIGKILL)
             os._exit(1)
 
 
@@ -101,13 +101,6 @@ def _read_reply(sock: socket.socket, grader: int) -> dict | None:
         if b"\n" in data:
             return json.loads(data.split(b"\n", 1)[0])
     return None
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # -- the forge --------------------------------------------------------------------------

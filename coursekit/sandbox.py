@@ -290,7 +290,7 @@ def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ended = _exit_notice(child)
     # SIGTERM (how coursekit.kernel ends a kernel) ends the kernel; the groups go right after.
-    signal.signal(signal.SIGTERM, lambda *_: _kill(child, ended))
+    signal.signal(signal.SIGTERM, lambda *_: signal_kernel(child, ended, signal.SIGKILL))
     code = 1
     while True:
         try:
@@ -301,7 +301,7 @@ def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
             code = os.waitstatus_to_exitcode(status) & 0xFF
             break
         if not wanted():
-            _kill(child, ended)
+            signal_kernel(child, ended, signal.SIGKILL)
         # Woken by the kernel's exit where Linux says so (the grader waits for the groups to go).
         if ended is not None:
             select.select([ended], [], [], ORPHAN_POLL_SECONDS)
@@ -321,15 +321,15 @@ def _wait_as_parent(child: int, groups: str | None, wanted) -> None:
     os._exit(code)
 
 
-def _kill(child: int, ended: int | None) -> None:
-    """SIGKILL to the kernel, through its pidfd where there is one: never to a process that
-    reused the number of a kernel already reaped."""
+def signal_kernel(pid: int, pidfd: int | None, signum: int) -> None:
+    """`signum` to the kernel `pid`, through its pidfd where there is one: never to a process
+    that reused the number of a kernel already reaped. A kernel already gone is no error."""
     try:
-        if ended is not None:
-            signal.pidfd_send_signal(ended, signal.SIGKILL)
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signum)
         else:
-            os.kill(child, signal.SIGKILL)
-    except ProcessLookupError:
+            os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
