@@ -128,7 +128,7 @@ class StudentKernel:
         own SIGKILL leaves that to the launcher's next look at its grader, and then polls for the
         end every 0.1 s: together a quarter of a second of every submission. Without namespaces the
         process is the kernel itself, which shutdown_kernel kills."""
-        process = getattr(self.km.provisioner, "process", None)
+        process = self._started_process()
         if not self.sandbox.get("namespaces") or process is None or process.poll() is not None:
             return
         process.terminate()
@@ -136,6 +136,10 @@ class StudentKernel:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass   # shutdown_kernel kills it
+
+    def _started_process(self) -> subprocess.Popen | None:
+        """The process jupyter_client started (the launcher, the relay, or the kernel itself)."""
+        return getattr(getattr(self.km, "provisioner", None), "process", None)
 
     def _remove_control_groups(self) -> None:
         groups = self.sandbox.get("control_group")
@@ -160,7 +164,7 @@ class StudentKernel:
         than the request itself. The launcher lives exactly as long as the kernel."""
         if self.km is None:
             return False
-        process = getattr(getattr(self.km, "provisioner", None), "process", None)
+        process = self._started_process()
         return process.poll() is None if process is not None else self.km.is_alive()
 
     # -- execution ------------------------------------------------------------------
